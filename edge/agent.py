@@ -1,0 +1,168 @@
+"""The edge agent: the daemon's only MQTT client.
+
+    mqtt message -> protocol.parse -> Submission -> Router/Enqueuer -> RQ job
+    outbox stream -> OutboxRelay -> protocol.render -> MQTT publish -> XACK
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+
+import redis
+import structlog
+
+from edge import constants as C
+from edge.config import Config, ConfigError
+from edge.errors import EdgeError, Internal
+from edge.jobs import Answer
+from edge.mqtt import MqttClient
+from edge.outbox import Outbox, OutboxRelay
+from edge.protocol import Outgoing, Properties, Rejected, error_answer, parse
+from edge.queueing import Enqueuer, Router
+from edge.redisconn import connect
+from edge.status import node_status
+
+log = structlog.get_logger("edge.agent")
+
+
+class Agent:
+    """Takes jobs from MQTT into Redis and answers from the outbox back to MQTT."""
+
+    def __init__(self, config: Config, conn: redis.Redis) -> None:
+        self.config, self.conn = config, conn
+        self.router = Router(conn, config)
+        self.enqueuer = Enqueuer(conn, config, self.router)
+        self.outbox = Outbox(conn)
+        self.max_bytes = {task: t.max_bytes for task, t in config.tasks.items()}
+        subscription = C.JOBS_SUBSCRIPTION
+        if config.mqtt.shared_group:
+            subscription = f"$share/{config.mqtt.shared_group}/{subscription}"
+        self.status_topic = C.STATUS_TOPIC.format(node=config.node)
+        offline = json.dumps({"node": config.node, "online": False}).encode()
+        password = (config.mqtt.password_file.read_text().strip()
+                    if config.mqtt.password_file else None)
+        self.mqtt = MqttClient(config.mqtt, config.client_id, subscriptions=(subscription,),
+                               on_message=self.handle, will=(self.status_topic, offline),
+                               password=password, on_connected=self._wake_status)
+        self.relay = OutboxRelay(conn, self.mqtt, consumer=config.client_id)
+        self._stop = threading.Event()
+        self._status_now = threading.Event()
+
+    # -- jobs in
+
+    def handle(self, topic: str, payload: bytes, props: Properties) -> bool:
+        """Handle one job message; True when it may be acknowledged to the broker."""
+        received = time.time()
+        try:
+            sub = parse(topic, payload, props, max_bytes=self.max_bytes, now=received)
+            enq = self.enqueuer.submit(sub, received)
+            log.debug("job_enqueued", task=sub.route.task, device_id=sub.route.device_id,
+                      job_id=sub.route.request_id, queue=enq.queue, duplicate=enq.duplicate)
+            return True
+        except Rejected as exc:
+            return self._answer_error(exc.route, exc.error, topic)
+        except EdgeError as exc:  # Busy, from the router
+            return self._answer_error(sub.route, exc, topic)
+        except redis.RedisError as exc:
+            # Not acknowledged: the broker redelivers it once we reconnect.
+            log.error("job_not_stored", topic=topic, error=str(exc))
+            return False
+        except Exception:  # noqa: BLE001 - one bad job must never stop the agent
+            log.exception("job_handling_failed", topic=topic)
+            try:
+                return self._answer_error(sub.route, Internal("internal error"), topic)
+            except NameError:
+                return True
+
+    def _answer_error(self, route, error: EdgeError, topic: str) -> bool:
+        log.info("job_rejected", topic=topic, code=error.code, reason=error.message)
+        if route is None:
+            return True  # nowhere to answer (not a job topic)
+        try:
+            self.outbox.append(error_answer(route, error))
+        except redis.RedisError as exc:
+            log.error("answer_not_stored", topic=topic, error=str(exc))
+            return False
+        return True
+
+    # -- status
+
+    def _wake_status(self) -> None:
+        self._status_now.set()
+
+    def publish_status(self, online: bool = True) -> None:
+        doc = node_status(self.conn, self.config, online=online)
+        msg = Outgoing(self.status_topic, json.dumps(doc).encode(), 1,
+                       Properties(content_type="application/json"))
+        self.mqtt.publish(msg, retain=True)
+
+    def _status_loop(self) -> None:
+        while not self._stop.is_set():
+            self._status_now.wait(C.STATUS_INTERVAL)
+            self._status_now.clear()
+            if self._stop.is_set() or not self.mqtt.is_connected():
+                continue
+            try:
+                self.publish_status()
+            except redis.RedisError as exc:
+                log.warning("status_failed", error=str(exc))
+
+    # -- lifecycle
+
+    def run(self) -> None:
+        """Run until `stop()`; returns after a clean shutdown."""
+        self.mqtt.start()
+        threads = [threading.Thread(target=self.relay.run, name="outbox-relay", daemon=True),
+                   threading.Thread(target=self._status_loop, name="status", daemon=True)]
+        for t in threads:
+            t.start()
+        log.info("agent_started", node=self.config.node, broker=self.config.mqtt.host,
+                 port=self.config.mqtt.port)
+        self._stop.wait()
+        self.relay.stop()
+        self._status_now.set()
+        for t in threads:
+            t.join(timeout=15)
+        if self.mqtt.is_connected():
+            info = self.mqtt.client.publish(
+                self.status_topic, json.dumps({"node": self.config.node, "online": False}),
+                qos=1, retain=True)
+            try:
+                info.wait_for_publish(2)
+            except (RuntimeError, ValueError):
+                pass
+        self.mqtt.stop()
+        log.info("agent_stopped")
+
+    def stop(self, *_: object) -> None:
+        self._stop.set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`edge-agent [--config FILE]`."""
+    from edge.cli_common import load_config, setup_logging
+
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="daemon TOML (default: $EDGE_CONFIG or configs/demo.toml)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config)
+    agent = Agent(config, connect(config.redis))
+    signal.signal(signal.SIGTERM, agent.stop)
+    signal.signal(signal.SIGINT, agent.stop)
+    signal.signal(signal.SIGHUP, lambda *_: log.info("reload", note="the agent holds no keys"))
+    agent.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""`edgectl`: the operator's tool.
+
+    edgectl run TASK INPUT... [--param k=v] [--out DIR]     one job in-process (no Redis/MQTT)
+    edgectl submit TASK INPUT... [--device-id ID]           one job over MQTT, as a device would
+    edgectl prepare TASK [--force]                          convert + pack bundles (build host)
+    edgectl bundle pack|verify|ls|import-openssl ...        encrypted model bundles
+    edgectl keys generate|rotate|retire|ls ...              key-encryption keys
+    edgectl status                                          node status, devices, queues
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+from edge.cli_common import load_config
+from edge.config import Config, ConfigError
+from edge.tasks import TASKS
+
+PREPARE_CACHE = Path("~/.cache/edge-daemon/prepared").expanduser()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `edgectl`."""
+    parser = argparse.ArgumentParser(prog="edgectl", description="Operate the edge daemon.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 1)[1])
+    parser.add_argument("--config", help="daemon TOML (default: $EDGE_CONFIG or configs/demo.toml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run one job in-process through the worker's pipeline")
+    _job_args(p)
+    p.add_argument("--device", default="CPU")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("submit", help="publish one job over MQTT and wait for the answer")
+    _job_args(p)
+    p.add_argument("--device-id", default="edgectl")
+    p.add_argument("--raw", action="store_true", help="send raw bytes + MQTT 5 properties")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("prepare", help="convert models and pack them as encrypted bundles")
+    p.add_argument("task", choices=sorted({"tokenize", "asr", "superres", "lcm"}))
+    p.add_argument("--force", action="store_true", help="rebuild even when cached")
+    p.add_argument("--cache", type=Path, default=PREPARE_CACHE,
+                   help="where plaintext prepared models are kept (build host only)")
+    p.add_argument("--no-pack", action="store_true", help="prepare only; do not encrypt")
+    p.add_argument("--option", action="append", default=[], metavar="K=V",
+                   help="task-specific prepare option")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("status", help="node status: workers, models, queues, devices")
+    p.set_defaults(func=cmd_status)
+
+    from keys.cli import add_subcommands
+
+    add_subcommands(sub, lambda: _resolve_keys(parser))
+
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"edgectl: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _resolve_keys(parser: argparse.ArgumentParser):
+    args, _ = parser.parse_known_args()
+    config = load_config(args.config)
+
+    def load_ring():
+        from workers.worker import load_ring as _load
+
+        return _load(config)
+
+    return config.keyring.file, load_ring, config.bundle_dir
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("task", choices=sorted(TASKS))
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="text (tokenize, lcm), JSON ids (detokenize) or file paths (media); "
+                        "'-' reads stdin")
+    p.add_argument("--param", action="append", default=[], metavar="K=V")
+    p.add_argument("--out", type=Path, help="write result media here")
+
+
+def _params(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"edgectl: --param {pair!r} is not K=V")
+        out[key] = value
+    return out
+
+
+def envelope(task: str, inputs: list[str], params: dict[str, Any], rid: str) -> dict[str, Any]:
+    """The JSON envelope a device would send for these command-line inputs."""
+    spec = TASKS[task]
+    values = [sys.stdin.read() if i == "-" else i for i in inputs]
+    env: dict[str, Any] = {"id": rid}
+    if params:
+        env["params"] = params
+    if "text" in spec.inputs:
+        env["text"] = values[0] if len(values) == 1 else values
+    elif "ids" in spec.inputs:
+        parsed = [json.loads(v) for v in values]
+        env["ids"] = parsed[0] if len(parsed) == 1 else parsed
+    else:
+        blobs = [sys.stdin.buffer.read() if i == "-" else Path(i).read_bytes() for i in inputs]
+        b64 = [base64.b64encode(b).decode() for b in blobs]
+        env["data"] = b64[0] if len(b64) == 1 else b64
+    return env
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """One job through the same validation, bundle and handler a worker uses."""
+    from edge.errors import EdgeError
+    from edge.jobs import Answer
+    from edge.protocol import Properties, Rejected, error_answer, parse, result_body
+    from workers.api import no_progress
+    from workers.jobs import request_from_submission, run_inline
+    from workers.worker import build_models, load_ring
+
+    config = load_config(args.config)
+    rid = uuid.uuid4().hex[:12]
+    env = envelope(args.task, args.inputs, _params(args.param), rid)
+    limits = {t: (config.tasks[t].max_bytes if t in config.tasks else 64 << 20) for t in TASKS}
+    try:
+        sub = parse(f"edge/jobs/{args.task}/edgectl", json.dumps(env).encode(), Properties(),
+                    max_bytes=limits)
+    except Rejected as exc:
+        return _print_answer(error_answer(exc.route, exc.error), args.out)
+    started = time.perf_counter()
+    models = build_models(_only(config, (args.task,), args.device), args.device, load_ring(config))
+    load_s = time.perf_counter() - started
+    try:
+        t0 = time.perf_counter()
+        resp = run_inline(models, args.task, request_from_submission(sub), no_progress)
+        run_ms = (time.perf_counter() - t0) * 1000
+        body = result_body(sub.route, result=resp.result,
+                           timings={"load_ms": load_s * 1000, "run_ms": run_ms})
+        answer = Answer(sub.route, "result", body,
+                        tuple((m.content_type, m.data) for m in resp.media))
+    except EdgeError as exc:
+        answer = error_answer(sub.route, exc)
+    return _print_answer(answer, args.out)
+
+
+def _only(config: Config, tasks: tuple[str, ...], device: str) -> Config:
+    """The config with `tasks` routed to `device` (edgectl run needs no other model)."""
+    from dataclasses import replace
+
+    from edge.config import TaskConfig
+
+    routed = {t: replace(config.tasks.get(t, TaskConfig()), devices=(device,)) for t in tasks}
+    return replace(config, tasks=routed)
+
+
+def _print_answer(answer, out: Path | None) -> int:
+    body = dict(answer.body)
+    if answer.media:
+        files = _write_media(answer.media, out or Path("."), answer.route.request_id)
+        body.setdefault("result", {})["files"] = [str(f) for f in files]
+    print(json.dumps(body, indent=2, ensure_ascii=False))
+    return 0 if body.get("status") == "ok" else 1
+
+
+_EXT = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
+
+
+def _write_media(media, out: Path, rid: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, (ctype, data) in enumerate(media):
+        path = out / f"{rid}-{i}{_EXT.get(ctype, '.bin')}"
+        path.write_bytes(data)
+        files.append(path)
+    return files
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Publish one job as a device would and wait for its answer."""
+    from edge.client import DeviceClient
+
+    config = load_config(args.config)
+    rid = uuid.uuid4().hex[:12]
+    params = _params(args.param)
+    with DeviceClient(config.mqtt.host, config.mqtt.port, device_id=args.device_id) as dev:
+        if args.raw:
+            spec = TASKS[args.task]
+            payload = (args.inputs[0].encode() if "text" in spec.inputs
+                       else Path(args.inputs[0]).read_bytes())
+            dev.publish_raw(args.task, payload, rid, params=params,
+                            content_type="text/plain" if "text" in spec.inputs else None)
+            reply = dev.wait(rid, args.timeout)
+        else:
+            env = envelope(args.task, args.inputs, params, rid)
+            dev.publish_envelope(args.task, env)
+            reply = dev.wait(rid, args.timeout)
+    body = dict(reply.body)
+    if reply.media:
+        body.setdefault("result", {}).pop("media", None)
+        files = _write_media(reply.media, args.out or Path("."), rid)
+        body["result"]["files"] = [str(f) for f in files]
+    for note in reply.progress:
+        print(json.dumps(note), file=sys.stderr)
+    print(json.dumps(body, indent=2, ensure_ascii=False))
+    return 0 if reply.ok else 1
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Run a task's prepare step, then encrypt each prepared folder into a bundle."""
+    import importlib
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    options = _params(args.option)
+    module = importlib.import_module(f"workers.{args.task}.prepare")
+    folders = module.prepare(args.cache, force=args.force, options=options)
+    for folder in folders:
+        print(f"prepared {folder}")
+    if args.no_pack:
+        return 0
+    import keys
+    from workers.worker import load_ring
+
+    config = load_config(args.config)
+    ring = load_ring(config)
+    config.bundle_dir.mkdir(parents=True, exist_ok=True)
+    for folder in folders:
+        path = keys.pack_bundle(folder, config.bundle_dir, ring)
+        print(f"packed {path}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Node status from Redis, plus the OpenVINO devices this host has."""
+    from edge.redisconn import connect
+    from edge.status import node_status
+
+    config = load_config(args.config)
+    doc = node_status(connect(config.redis), config)
+    try:
+        import openvino as ov
+
+        core = ov.Core()
+        doc["host_devices"] = {d: core.get_property(d, "FULL_DEVICE_NAME")
+                               for d in core.available_devices}
+    except ImportError:
+        doc["host_devices"] = "openvino not installed"
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

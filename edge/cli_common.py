@@ -1,0 +1,24 @@
+"""What every command does first: find the config, set up logging."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from edge import config as config_mod
+from edge import logs
+
+DEFAULT_CONFIG = Path("configs/demo.toml")
+
+
+def config_path(arg: str | None) -> Path:
+    """--config, else $EDGE_CONFIG, else configs/demo.toml."""
+    return Path(arg or os.environ.get("EDGE_CONFIG") or DEFAULT_CONFIG)
+
+
+def load_config(arg: str | None) -> config_mod.Config:
+    return config_mod.load(config_path(arg))
+
+
+def setup_logging(config: config_mod.Config) -> None:
+    logs.configure(config.log_format)

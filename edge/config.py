@@ -1,0 +1,316 @@
+"""The daemon's configuration: one TOML file, parsed once into frozen typed objects.
+
+A bad config is refused at start-up with the path of the offending field
+(`tasks.superres.devices[1]: ...`). No other module reads the file or the environment.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from edge import constants as C
+from edge.tasks import TASKS
+
+DEVICE_RE = r"^(CPU|GPU(\.\d+)?|NPU(\.\d+)?)$"
+
+
+class ConfigError(Exception):
+    """The config file is missing, unreadable or has a bad field (named in the message)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MqttConfig:
+    """How the agent reaches the broker."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = ""  # default: edge-agent-<node>
+    username: str | None = None
+    password_file: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    keepalive: int = 30
+    session_expiry: int = 86400
+    shared_group: str | None = None  # e.g. "edge": several agents share the job topics
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    """How the agent and workers reach Redis."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    username: str | None = None
+    password_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskConfig:
+    """Routing and limits of one task."""
+
+    devices: tuple[str, ...] = ("CPU",)
+    queue_limit: int = 100
+    max_bytes: int = 1 << 20
+    timeout: int = 60  # s a job may run
+    deadline: int = 300  # s a job may wait in the queue before it is answered `timeout`
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    """How a worker compiles models for one OpenVINO device."""
+
+    performance_hint: str = "LATENCY"
+    num_streams: int | None = None
+    num_requests: int | None = None
+    inference_precision: str | None = None  # "f32", "bf16", "f16"; None: the plugin's default
+    cache_dir: Path | None = None  # OpenVINO model cache; only where encrypted (see README)
+
+    def properties(self) -> dict[str, Any]:
+        """OpenVINO compile properties."""
+        props: dict[str, Any] = {"PERFORMANCE_HINT": self.performance_hint}
+        if self.num_streams is not None:
+            props["NUM_STREAMS"] = self.num_streams
+        if self.num_requests is not None:
+            props["PERFORMANCE_HINT_NUM_REQUESTS"] = self.num_requests
+        if self.inference_precision is not None:
+            props["INFERENCE_PRECISION_HINT"] = self.inference_precision
+        return props
+
+
+@dataclass(frozen=True, slots=True)
+class KeyringConfig:
+    """Where the key-encryption keys come from, in order: systemd credential, file, env."""
+
+    credential: str = "edge-keyring"
+    file: Path | None = None
+    env: str | None = "EDGE_KEYRING"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole daemon configuration."""
+
+    node: str = "edge-gateway"
+    bundle_dir: Path = Path("var/bundles")
+    blob_ttl: int = C.DEFAULT_BLOB_TTL
+    dedup_ttl: int = C.DEFAULT_DEDUP_TTL
+    metrics_port: int = 0
+    log_format: str = "auto"  # auto | json | console
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    keyring: KeyringConfig = field(default_factory=KeyringConfig)
+    tasks: Mapping[str, TaskConfig] = field(default_factory=dict)
+    devices: Mapping[str, DeviceConfig] = field(default_factory=dict)
+
+    def device(self, name: str) -> DeviceConfig:
+        """A device's settings (defaults when the config has no section for it)."""
+        return self.devices.get(name, DeviceConfig())
+
+    def tasks_on(self, device: str) -> tuple[str, ...]:
+        """Tasks routed to `device`, in priority order."""
+        return tuple(t for t in C.TASK_ORDER if t in self.tasks and device in self.tasks[t].devices)
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt.client_id or f"edge-agent-{self.node}"
+
+
+def load(path: str | Path) -> Config:
+    """Parse and check a config file; raise ConfigError naming the bad field."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return parse(raw, base=path.parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> Config:
+    """Build a Config from a parsed TOML table; relative paths resolve against `base`."""
+    r = _Reader(raw, "", base)
+    cfg = Config(
+        node=r.str("node", Config.node, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"),
+        bundle_dir=r.path("bundle_dir", Path("var/bundles")),
+        blob_ttl=r.int("blob_ttl", C.DEFAULT_BLOB_TTL, low=10),
+        dedup_ttl=r.int("dedup_ttl", C.DEFAULT_DEDUP_TTL, low=10),
+        metrics_port=r.int("metrics_port", 0, low=0, high=65535),
+        log_format=r.choice("log_format", "auto", ("auto", "json", "console")),
+        mqtt=_mqtt(r.table("mqtt")),
+        redis=_redis(r.table("redis")),
+        keyring=_keyring(r.table("keyring")),
+        tasks=_tasks(r.table("tasks")),
+        devices=_devices(r.table("devices")),
+    )
+    r.done()
+    return cfg
+
+
+def _mqtt(r: _Reader) -> MqttConfig:
+    out = MqttConfig(
+        host=r.str("host", "127.0.0.1"),
+        port=r.int("port", 1883, low=1, high=65535),
+        client_id=r.str("client_id", ""),
+        username=r.opt_str("username"),
+        password_file=r.opt_path("password_file"),
+        tls_ca=r.opt_path("tls_ca"),
+        tls_cert=r.opt_path("tls_cert"),
+        tls_key=r.opt_path("tls_key"),
+        keepalive=r.int("keepalive", 30, low=5, high=3600),
+        session_expiry=r.int("session_expiry", 86400, low=0),
+        shared_group=r.opt_str("shared_group"),
+    )
+    r.done()
+    return out
+
+
+def _redis(r: _Reader) -> RedisConfig:
+    out = RedisConfig(
+        url=r.str("url", "redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss|unix)://"),
+        username=r.opt_str("username"),
+        password_file=r.opt_path("password_file"),
+    )
+    r.done()
+    return out
+
+
+def _keyring(r: _Reader) -> KeyringConfig:
+    out = KeyringConfig(
+        credential=r.str("credential", "edge-keyring"),
+        file=r.opt_path("file"),
+        env=r.opt_str("env", "EDGE_KEYRING"),
+    )
+    r.done()
+    return out
+
+
+def _tasks(r: _Reader) -> dict[str, TaskConfig]:
+    out = {}
+    for name in r.keys():
+        if name not in TASKS:
+            raise ConfigError(f"{r.where(name)}: unknown task (known: {', '.join(TASKS)})")
+        t = r.table(name)
+        devices = t.str_list("devices", ["CPU"], pattern=DEVICE_RE)
+        if not devices:
+            raise ConfigError(f"{t.where('devices')}: needs at least one device")
+        out[name] = TaskConfig(
+            devices=tuple(devices),
+            queue_limit=t.int("queue_limit", 100, low=1),
+            max_bytes=t.int("max_bytes", 1 << 20, low=1),
+            timeout=t.int("timeout", 60, low=1),
+            deadline=t.int("deadline", 300, low=1),
+        )
+        t.done()
+    return out
+
+
+def _devices(r: _Reader) -> dict[str, DeviceConfig]:
+    out = {}
+    for name in r.keys():
+        if not re.match(DEVICE_RE, name):
+            raise ConfigError(f"{r.where(name)}: not an OpenVINO device name (CPU, GPU, GPU.1, NPU)")
+        d = r.table(name)
+        out[name] = DeviceConfig(
+            performance_hint=d.choice("performance_hint", "LATENCY",
+                                      ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")),
+            num_streams=d.opt_int("num_streams", low=1),
+            num_requests=d.opt_int("num_requests", low=1),
+            inference_precision=d.opt_choice("inference_precision", ("f32", "bf16", "f16")),
+            cache_dir=d.opt_path("cache_dir"),
+        )
+        d.done()
+    return out
+
+
+class _Reader:
+    """Reads typed fields from one TOML table, remembering the path for error messages."""
+
+    def __init__(self, raw: Any, prefix: str, base: Path) -> None:
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{prefix or '<root>'}: must be a table")
+        self.raw, self.prefix, self.base = raw, prefix, base
+        self.seen: set[str] = set()
+
+    def where(self, key: str) -> str:
+        return f"{self.prefix}.{key}" if self.prefix else key
+
+    def keys(self) -> list[str]:
+        self.seen.update(self.raw)
+        return list(self.raw)
+
+    def _get(self, key: str) -> Any:
+        self.seen.add(key)
+        return self.raw.get(key)
+
+    def table(self, key: str) -> _Reader:
+        value = self._get(key)
+        return _Reader({} if value is None else value, self.where(key), self.base)
+
+    def str(self, key: str, default: str, pattern: str | None = None) -> str:
+        value = self._get(key)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise ConfigError(f"{self.where(key)}: must be a string")
+        if pattern is not None:
+            if not re.match(pattern, value):
+                raise ConfigError(f"{self.where(key)}: {value!r} does not match {pattern}")
+        return value
+
+    def opt_str(self, key: str, default: str | None = None) -> str | None:
+        return self.str(key, default) if key in self.raw else default  # type: ignore[arg-type]
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.str(key, default)
+        if value not in choices:
+            raise ConfigError(f"{self.where(key)}: must be one of {', '.join(choices)}")
+        return value
+
+    def opt_choice(self, key: str, choices: tuple[str, ...]) -> str | None:
+        return self.choice(key, choices[0], choices) if key in self.raw else self._get(key)
+
+    def int(self, key: str, default: int, low: int | None = None, high: int | None = None) -> int:
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{self.where(key)}: must be an integer")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise ConfigError(f"{self.where(key)}: {value} is out of range [{low}, {high}]")
+        return value
+
+    def opt_int(self, key: str, low: int | None = None) -> int | None:
+        return self.int(key, 0, low=low) if key in self.raw else self._get(key)
+
+    def path(self, key: str, default: Path) -> Path:
+        value = self.str(key, str(default))
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base / p)
+
+    def opt_path(self, key: str) -> Path | None:
+        return self.path(key, Path(".")) if key in self.raw else self._get(key)
+
+    def str_list(self, key: str, default: list[str], pattern: str | None = None) -> list[str]:
+        value = self._get(key)
+        if value is None:
+            return default
+        if not isinstance(value, list):
+            raise ConfigError(f"{self.where(key)}: must be a list of strings")
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or (pattern and not re.match(pattern, item)):
+                raise ConfigError(f"{self.where(key)}[{i}]: {item!r} is not valid")
+        return list(value)
+
+    def done(self) -> None:
+        """Refuse keys nobody asked for: a typo must not be silently ignored."""
+        extra = sorted(set(self.raw) - self.seen)
+        if extra:
+            raise ConfigError(f"{self.where(extra[0])}: unknown setting")

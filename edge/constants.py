@@ -1,0 +1,42 @@
+"""Every topic pattern, Redis key, queue name and default limit, in one place."""
+
+from __future__ import annotations
+
+import re
+
+# MQTT topics (the public interface; documented in README.md)
+JOBS_SUBSCRIPTION = "edge/jobs/+/+"
+JOB_TOPIC = "edge/jobs/{task}/{device_id}"
+RESULT_TOPIC = "edge/results/{device_id}/{request_id}"
+PROGRESS_TOPIC = "edge/progress/{device_id}/{request_id}"
+STATUS_TOPIC = "edge/status/{node}"
+SHARED_PREFIX = "$share/edge/"
+
+DEVICE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces, no wildcards
+
+# Redis keys (RQ names its own keys; these are ours)
+KEY_PREFIX = "edge:"
+BLOB_KEY = KEY_PREFIX + "blob:{job_key}"
+OUTBOX_STREAM = KEY_PREFIX + "outbox"
+OUTBOX_GROUP = "agents"
+ALIVE_KEY = KEY_PREFIX + "alive:{queue}"  # zset: worker name -> last heartbeat (unix s)
+WORKER_KEY = KEY_PREFIX + "worker:{worker}"  # JSON: device, models, unavailable
+QUEUE_NAME = "edge.{task}.{device}"
+
+JOB_FUNCTION = "workers.jobs.run"
+
+# Task priority: a worker drains short interactive jobs before long ones.
+TASK_ORDER = ("tokenize", "detokenize", "asr", "superres", "lcm")
+# Which bundle task serves a job task (detokenize uses the tokenizer bundles).
+BUNDLE_TASK = {"tokenize": "tokenize", "detokenize": "tokenize", "asr": "asr",
+               "superres": "superres", "lcm": "lcm"}
+
+# Defaults
+DEFAULT_BLOB_TTL = 3600  # s: a job's payload outlives any sane queue wait
+DEFAULT_DEDUP_TTL = 3600  # s: a QoS 1 duplicate within this window is not run again
+DEFAULT_OUTBOX_MAXLEN = 100_000  # entries kept at most (approximate trim)
+ALIVE_WINDOW = 30.0  # s: a worker whose last heartbeat is older is not routed to
+HEARTBEAT_INTERVAL = 5.0  # s
+STATUS_INTERVAL = 10.0  # s
+PUBACK_TIMEOUT = 10.0  # s

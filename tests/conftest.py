@@ -1,0 +1,55 @@
+"""Session-wide fixtures: private Redis and Mosquitto, a test keyring, packed bundles, a daemon.
+
+The services run from Debian's binaries on free ports and are stopped at the end; nothing here
+touches the machine's own Redis (6379) or Mosquitto (1883).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from edge.localservices import MosquittoServer, RedisServer
+
+PREPARED = Path.home() / ".cache" / "edge-daemon" / "prepared"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mosquitto_server(tmp_path_factory):
+    server = MosquittoServer(tmp_path_factory.mktemp("mosquitto")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def keyring_file(tmp_path_factory):
+    """A keyring generated for this test session (never committed)."""
+    import keys
+
+    path = tmp_path_factory.mktemp("keys") / "keyring.json"
+    keys.Keyring.generate().save(path)
+    os.chmod(path, 0o600)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_bundles(tmp_path_factory, keyring_file):
+    """The three tokenizer bundles, prepared (cached) and packed with the session keyring."""
+    import keys
+    from workers.tokenize.prepare import prepare
+
+    folders = prepare(PREPARED)
+    root = tmp_path_factory.mktemp("bundles")
+    ring = keys.Keyring.load_file(keyring_file)
+    for folder in folders:
+        keys.pack_bundle(folder, root, ring)
+    return root

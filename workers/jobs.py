@@ -1,0 +1,140 @@
+"""The RQ job entry point: Job -> handler(request) -> Answer -> outbox.
+
+`run` is what the agent enqueues (by name, with JSON arguments). It never raises for anything a
+client may be told: every job ends in exactly one answer in the outbox.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import redis
+import structlog
+from rq import get_current_job
+from rq.timeouts import JobTimeoutException
+
+from edge.errors import BadRequest, EdgeError, Internal, ModelUnavailable, Timeout
+from edge.jobs import Answer, Job
+from edge.outbox import Outbox
+from edge.protocol import result_body
+from edge.queueing import read_blob
+from workers.api import Media, Request, Response
+from workers.model_store import ModelSet
+
+log = structlog.get_logger("workers.jobs")
+
+
+@dataclass(slots=True)
+class Runtime:
+    """What a worker holds for all its jobs (built once, before the first job)."""
+
+    worker: str
+    device: str
+    models: ModelSet
+
+
+_runtime: Runtime | None = None
+
+
+def install(runtime: Runtime) -> None:
+    """Make `runtime` the one jobs in this process use (the worker calls it at start-up)."""
+    global _runtime
+    _runtime = runtime
+
+
+def run(job_json: str) -> None:
+    """Run one job and append its answer to the outbox."""
+    job = Job.from_json(job_json)
+    conn = get_current_job().connection
+    rt = _runtime
+    with structlog.contextvars.bound_contextvars(
+            job_id=job.route.request_id, device_id=job.route.device_id, task=job.task,
+            worker=rt.worker if rt else None):
+        outbox = Outbox(conn)
+        answer = execute(job, conn, rt, progress=lambda body: outbox.append(
+            Answer(job.route, "progress", dict(body))))
+        pipe = conn.pipeline(transaction=True)
+        outbox.append(answer, pipeline=pipe)
+        pipe.delete(job.blob_key)
+        pipe.execute()
+
+
+def execute(job: Job, conn: redis.Redis, rt: Runtime | None, progress) -> Answer:
+    """The answer to `job` (never raises for job-level problems)."""
+    started = time.time()
+    try:
+        if started > job.deadline:
+            raise Timeout(f"the job waited {started - job.received:.1f} s and passed its "
+                          "deadline before it could run")
+        if rt is None:
+            raise ModelUnavailable("this worker has no models loaded")
+        handler = rt.models.handlers.get(job.task)
+        if handler is None:
+            reason = rt.models.unavailable.get(job.task, f"{job.task} is not served here")
+            raise ModelUnavailable(reason)
+        blob = read_blob(conn, job.blob_key)
+        if blob is None:
+            raise Timeout("the job's payload expired before it could run")
+        response = handler(to_request(job, blob), progress)
+        body = result_body(job.route, result=response.result,
+                           timings=_timings(job, started))
+        log.info("job_done", run_ms=round((time.time() - started) * 1000, 2))
+        return Answer(job.route, "result", body,
+                      tuple((m.content_type, m.data) for m in response.media))
+    except EdgeError as exc:
+        log.info("job_error", code=exc.code, reason=exc.message)
+        return _error(job, exc, started)
+    except JobTimeoutException:
+        log.warning("job_timeout")
+        return _error(job, Timeout("the job ran past its time limit"), started)
+    except Exception:  # noqa: BLE001 - a bad job must never kill the worker
+        log.exception("job_failed")
+        return _error(job, Internal("internal error while running the job"), started)
+
+
+def _error(job: Job, error: EdgeError, started: float) -> Answer:
+    return Answer(job.route, "result",
+                  result_body(job.route, error=error, timings=_timings(job, started)))
+
+
+def _timings(job: Job, started: float) -> dict[str, float]:
+    now = time.time()
+    return {"queue_ms": (started - job.received) * 1000, "run_ms": (now - started) * 1000,
+            "total_ms": (now - job.received) * 1000}
+
+
+def to_request(job: Job, blob: Mapping[bytes, bytes]) -> Request:
+    """The task's view of a job: params and inputs from the blob."""
+    text: Any = None
+    ids: Any = None
+    if b"text" in blob:
+        text = json.loads(blob[b"text"])
+        text = tuple(text) if isinstance(text, list) else text
+    if b"ids" in blob:
+        raw = json.loads(blob[b"ids"])
+        ids = tuple(tuple(r) if isinstance(r, list) else r for r in raw)
+    try:
+        n = int(blob.get(b"n", b"0"))
+        media = tuple(Media(blob[f"t{i}".encode()].decode(), bytes(blob[f"m{i}".encode()]))
+                      for i in range(n))
+    except (KeyError, ValueError):
+        raise BadRequest("the job's stored payload is incomplete") from None
+    return Request(task=job.task, params=dict(job.params), text=text, ids=ids, media=media,
+                   batch=job.batch)
+
+
+def run_inline(handlers: ModelSet, task: str, request: Request, progress) -> Response:
+    """`edgectl run`: the same handler a worker uses, without Redis."""
+    handler = handlers.handlers.get(task)
+    if handler is None:
+        raise ModelUnavailable(handlers.unavailable.get(task, f"{task} is not available"))
+    return handler(request, progress)
+
+
+def request_from_submission(sub) -> Request:
+    """The task's view of a parsed submission (in-process runs skip the blob)."""
+    return Request(task=sub.route.task, params=dict(sub.params), text=sub.text, ids=sub.ids,
+                   media=tuple(Media(t, d) for t, d in sub.media), batch=sub.batch)

@@ -1,0 +1,169 @@
+"""`edge-worker --device DEV`: RQ's non-forking worker, pinned to one OpenVINO device.
+
+Models are decrypted and compiled once, before the first job, and kept for every job (a forking
+worker would compile in the parent and fork: OpenVINO must not be forked after compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import redis
+import structlog
+from rq import SimpleWorker
+from rq.serializers import JSONSerializer
+
+from edge import constants as C
+from edge.config import Config, ConfigError
+from edge.queueing import queue_name
+from workers import jobs
+from workers.api import DeviceSettings
+from workers.model_store import ModelSet, load_models
+
+log = structlog.get_logger("workers.worker")
+
+
+class EdgeWorker(SimpleWorker):
+    """A SimpleWorker that tells the agent, every few seconds, which queues it serves."""
+
+    def __init__(self, queues, *, runtime: jobs.Runtime, **kwargs) -> None:
+        super().__init__(queues, serializer=JSONSerializer, worker_ttl=35, **kwargs)
+        self.runtime = runtime
+        self._beating = threading.Event()
+        jobs.install(runtime)
+
+    def work(self, *args, **kwargs) -> bool:
+        beat = threading.Thread(target=self._beat_loop, name="alive", daemon=True)
+        beat.start()
+        try:
+            return super().work(*args, **kwargs)
+        finally:
+            self._beating.set()
+            beat.join(timeout=5)
+            self._withdraw()
+
+    def _beat_loop(self) -> None:
+        # A thread, not RQ's heartbeat: a long job must not make the worker look dead.
+        while not self._beating.is_set():
+            try:
+                self._announce()
+            except redis.RedisError as exc:
+                log.warning("alive_failed", error=str(exc))
+            self._beating.wait(C.HEARTBEAT_INTERVAL)
+
+    def _announce(self) -> None:
+        now = time.time()
+        ms = self.runtime.models
+        doc = {"name": self.name, "device": self.runtime.device, "pid": os.getpid(),
+               "host": socket.gethostname(), "models": {t: list(m) for t, m in ms.models.items()},
+               "unavailable": dict(ms.unavailable),
+               "load_seconds": {t: round(s, 3) for t, s in ms.load_seconds.items()}}
+        pipe = self.connection.pipeline(transaction=False)
+        for q in self.queues:
+            pipe.zadd(C.ALIVE_KEY.format(queue=q.name), {self.name: now})
+            pipe.zremrangebyscore(C.ALIVE_KEY.format(queue=q.name), "-inf",
+                                  now - 10 * C.ALIVE_WINDOW)
+        pipe.set(C.WORKER_KEY.format(worker=self.name), json.dumps(doc),
+                 ex=int(C.ALIVE_WINDOW * 2))
+        pipe.execute()
+
+    def _withdraw(self) -> None:
+        try:
+            pipe = self.connection.pipeline(transaction=False)
+            for q in self.queues:
+                pipe.zrem(C.ALIVE_KEY.format(queue=q.name), self.name)
+            pipe.delete(C.WORKER_KEY.format(worker=self.name))
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("withdraw_failed", error=str(exc))
+
+
+def device_present(core, device: str) -> bool:
+    """Whether OpenVINO sees `device` (GPU matches GPU.0 too)."""
+    available = set(core.available_devices)
+    return device in available or (device in ("GPU", "NPU") and f"{device}.0" in available)
+
+
+def build_models(config: Config, device: str, ring) -> ModelSet:
+    """Compile everything this device serves."""
+    import openvino as ov
+
+    core = ov.Core()
+    if not device_present(core, device):
+        raise SystemExit(f"edge-worker: OpenVINO device {device!r} is not present on this "
+                         f"host (available: {', '.join(core.available_devices)})")
+    settings = DeviceSettings(device, config.device(device).properties())
+    return load_models(config.tasks_on(device), config.bundle_dir, ring, core, settings)
+
+
+def load_ring(config: Config):
+    """The keyring from its sources: systemd credential, file, then (dev only) env."""
+    import keys
+
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    env_value = os.environ.get(config.keyring.env) if config.keyring.env else None
+    if env_value and not creds and not (config.keyring.file and config.keyring.file.exists()):
+        log.warning("keyring_from_environment", variable=config.keyring.env,
+                    note="for development only; use a systemd credential in production")
+    return keys.Keyring.from_sources(Path(creds) if creds else None, config.keyring.file,
+                                     env_value, credential_name=config.keyring.credential)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `edge-worker`."""
+    from edge.cli_common import load_config, setup_logging
+    from edge.redisconn import connect
+
+    parser = argparse.ArgumentParser(prog="edge-worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="CPU", help="OpenVINO device: CPU, GPU, GPU.1, NPU")
+    parser.add_argument("--config", help="daemon TOML (default: $EDGE_CONFIG or configs/demo.toml)")
+    parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    parser.add_argument("--name", help="worker name (default: <host>-<device>-<pid>)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"edge-worker: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config)
+    tasks = config.tasks_on(args.device)
+    if not tasks:
+        print(f"edge-worker: no task is routed to {args.device} in the config", file=sys.stderr)
+        return 2
+    import keys
+
+    try:
+        ring = load_ring(config)
+    except keys.KeyringError as exc:
+        print(f"edge-worker: {exc}", file=sys.stderr)
+        return 2
+    structlog.contextvars.bind_contextvars(device=args.device)
+    models = build_models(config, args.device, ring)
+    del ring  # bundles are decrypted and compiled: the worker needs no key until a reload
+    served = [t for t in tasks if t in models.handlers]
+    for task, reason in models.unavailable.items():
+        log.error("task_unavailable", task=task, reason=reason)
+    if not served:
+        print(f"edge-worker: no task could be loaded on {args.device}", file=sys.stderr)
+        return 3
+    name = args.name or f"{socket.gethostname()}-{args.device}-{os.getpid()}"
+    runtime = jobs.Runtime(worker=name, device=args.device, models=models)
+    conn = connect(config.redis)
+    worker = EdgeWorker([queue_name(t, args.device) for t in served], runtime=runtime,
+                        connection=conn, name=name.replace(".", "_"))
+    log.info("worker_ready", worker=name, queues=[q.name for q in worker.queues])
+    signal.signal(signal.SIGHUP, lambda *_: log.info("reload_requested"))
+    worker.work(burst=args.burst, logging_level="WARNING")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
