@@ -45,13 +45,16 @@ class DeviceClient:
     password: str | None = None
     protocol: int = paho.MQTTv5
     tls_ca: str | None = None
+    session_expiry: int = 0  # > 0: a persistent session that keeps answers while away
     _inbox: dict[str, queue.Queue] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
+        suffix = "" if self.session_expiry else f"-{uuid.uuid4().hex[:8]}"
         self.client = paho.Client(CallbackAPIVersion.VERSION2,
-                                  client_id=f"{self.device_id}-{uuid.uuid4().hex[:8]}",
-                                  protocol=self.protocol)
+                                  client_id=f"{self.device_id}{suffix}", protocol=self.protocol,
+                                  clean_session=None if self.protocol == paho.MQTTv5 else True)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
         if self.username:
             self.client.username_pw_set(self.username, self.password)
         if self.tls_ca:
@@ -61,7 +64,13 @@ class DeviceClient:
         self.client.on_subscribe = lambda *a, **k: self._subscribed.set()
 
     def connect(self, timeout: float = 10.0) -> DeviceClient:
-        self.client.connect(self.host, self.port, keepalive=30)
+        if self.protocol == paho.MQTTv5:
+            props = PahoProperties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.session_expiry
+            self.client.connect(self.host, self.port, keepalive=30,
+                                clean_start=self.session_expiry == 0, properties=props)
+        else:
+            self.client.connect(self.host, self.port, keepalive=30)
         self.client.loop_start()
         for topic in (f"edge/results/{self.device_id}/#", f"edge/progress/{self.device_id}/#"):
             self._subscribed.clear()

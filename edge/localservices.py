@@ -6,6 +6,7 @@ their own, and can be stopped, killed and restarted on the same port to play fau
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import signal
 import socket
@@ -111,6 +112,7 @@ class MosquittoServer(LocalService):
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
+            f"user {getpass.getuser()}\n"  # as root it would switch to `mosquitto`
             "allow_anonymous true\n"
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"

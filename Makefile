@@ -1,0 +1,29 @@
+# The two commands: `make demo` (the main job) and `make test` (the whole suite).
+# Both install what is missing first (Debian packages, the venv, prepared models).
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast bench clean install
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	$(PY) -m edge.demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf var .pytest_cache
+
+distclean: clean
+	rm -rf $(VENV)

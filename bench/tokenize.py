@@ -1,0 +1,72 @@
+"""Tokenizer throughput: our OpenVINO pipeline vs HF `tokenizers` (Rust) on the same strings.
+
+    .venv/bin/python bench/tokenize.py [--reps 30]
+
+Prints medians per call (batch 1 and batch 64) and the ratio HF time / our time (>1: we are
+faster). Both sides get 2 threads. Our time includes the Python pre/post-processing.
+"""
+
+from __future__ import annotations
+
+import sys
+
+# Run as a script, this file's folder comes first on sys.path and this module would shadow the
+# standard library's `tokenize` (which linecache, hence openvino, imports): drop that entry.
+sys.path[:] = [p for p in sys.path if p.rstrip("/").rpartition("/")[2] != "bench"]
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAYON_NUM_THREADS", "2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import openvino as ov  # noqa: E402
+
+from tests.tokenize.corpus import make_sentences  # noqa: E402
+from workers.api import DeviceSettings, FolderBundle  # noqa: E402
+from workers.tokenize.pipeline import TokenizerPipeline  # noqa: E402
+from workers.tokenize.prepare import SOURCES, prepare  # noqa: E402
+
+
+def paired_medians(ours, theirs, reps: int) -> tuple[float, float]:
+    """Median wall times of `ours()` and `theirs()`, alternated so both see the same load."""
+    for fn in (ours, theirs, ours, theirs):  # warm-up
+        fn()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(reps):
+        for fn, sink in ((ours, times[0]), (theirs, times[1])):
+            start = time.perf_counter()
+            fn()
+            sink.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--reps", type=int, default=200)
+    args = parser.parse_args()
+    core = ov.Core()
+    core.set_property("CPU", {"INFERENCE_NUM_THREADS": 2})
+    folders = prepare(Path.home() / ".cache/edge-daemon/prepared")
+    texts = make_sentences(64)
+    print(f"{'model':18} {'batch':>5} {'ours ms':>9} {'hf ms':>9} {'hf/ours':>8}")
+    for folder in folders:
+        pipeline = TokenizerPipeline.load(FolderBundle(folder), core, DeviceSettings())
+        rust = SOURCES[pipeline.name].build().backend_tokenizer
+        for batch in (1, 64):
+            chunk = texts[:batch]
+            if batch == 1:
+                theirs = lambda: rust.encode(chunk[0])  # noqa: E731
+            else:
+                theirs = lambda: rust.encode_batch(chunk)  # noqa: E731
+            ours, hf = paired_medians(lambda: pipeline.encode(chunk), theirs, args.reps)
+            print(f"{pipeline.name:18} {batch:5} {ours * 1e3:9.3f} {hf * 1e3:9.3f}"
+                  f" {hf / ours:8.2f}")
+
+
+if __name__ == "__main__":
+    main()

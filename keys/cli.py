@@ -1,0 +1,172 @@
+"""`keys` and `bundle` command groups for the operator CLI (`edgectl`).
+
+`add_subcommands(subparsers, resolve)` registers them; each command's handler is set as
+`func` (and `keys_func`) on its parser and returns an exit code. `resolve(args)` (or
+`resolve()`) gives `(keyring_path, load_ring, bundle_dir)` from the config. Never prints keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+from keys.bundle import SUFFIX, bundle_dirs, open_all, pack_bundle, verify_bundle
+from keys.errors import BundleError, KeyringError
+from keys.keyring import Keyring
+from keys.legacy import import_openssl
+from keys.rotation import bundles_needing, file_key_ids, rotate_keyring
+
+Resolved = tuple[Path | None, Callable[[], Keyring], Path]
+Resolve = Callable[..., Resolved]
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction, resolve: Resolve) -> None:
+    """Register `keys generate|rotate|retire|ls` and `bundle pack|verify|ls|import-openssl`."""
+    keys = subparsers.add_parser("keys", help="keyring: generate, rotate, retire, list")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    p = ksub.add_parser("generate", help="write a new keyring (refuses to overwrite)")
+    p.add_argument("--out", type=Path, help="key file (default: the configured one)")
+    _bind(p, resolve, _generate)
+    _bind(ksub.add_parser("rotate", help="new current key, rewrap every bundle"), resolve,
+          _rotate)
+    p = ksub.add_parser("retire", help="drop an old key no bundle needs any more")
+    p.add_argument("kid")
+    _bind(p, resolve, _retire)
+    _bind(ksub.add_parser("ls", help="key ids and how many files each wraps"), resolve, _keys_ls)
+
+    bundle = subparsers.add_parser("bundle", help="encrypted model bundles")
+    bsub = bundle.add_subparsers(dest="bundle_command", required=True)
+    p = bsub.add_parser("pack", help="encrypt a prepared folder into the bundle directory")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--name")
+    p.add_argument("--out", type=Path, help="bundle root (default: the configured one)")
+    _bind(p, resolve, _pack)
+    p = bsub.add_parser("verify", help="authenticate every chunk (default: every bundle)")
+    p.add_argument("dirs", type=Path, nargs="*")
+    _bind(p, resolve, _verify)
+    _bind(bsub.add_parser("ls", help="bundles, versions, sizes, key ids"), resolve, _bundle_ls)
+    p = bsub.add_parser("import-openssl", help="import `openssl enc -aes-128-cbc` files")
+    p.add_argument("src", type=Path)
+    p.add_argument("--key", required=True, help="hex key, or - to read it from stdin")
+    p.add_argument("--iv", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--task", required=True)
+    _bind(p, resolve, _import)
+
+
+def _bind(parser: argparse.ArgumentParser, resolve: Resolve,
+          command: Callable[[argparse.Namespace, Resolved], int]) -> None:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            wants_args = len(inspect.signature(resolve).parameters) > 0
+            return command(args, resolve(args) if wants_args else resolve())
+        except (BundleError, KeyringError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    parser.set_defaults(func=run, keys_func=run)
+
+
+def _key_file(resolved: Resolved) -> Path:
+    path = resolved[0]
+    if path is None:
+        raise KeyringError("this command changes the keyring: configure a key file "
+                           "(a credential or environment keyring cannot be rewritten)")
+    return path
+
+
+def _generate(args: argparse.Namespace, resolved: Resolved) -> int:
+    out = args.out or _key_file(resolved)
+    if out.exists():
+        raise KeyringError(f"{out}: exists; refusing to overwrite a keyring")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ring = Keyring.generate()
+    ring.save(out)
+    print(f"wrote {out} (mode 0600), current key {ring.current_id}")
+    return 0
+
+
+def _rotate(args: argparse.Namespace, resolved: Resolved) -> int:
+    kid, count = rotate_keyring(_key_file(resolved), resolved[2])
+    print(f"new current key {kid}; rewrapped {count} files under {resolved[2]}")
+    print("restart or reload workers, then `keys retire` the old key ids")
+    return 0
+
+
+def _retire(args: argparse.Namespace, resolved: Resolved) -> int:
+    path = _key_file(resolved)
+    needing = bundles_needing(resolved[2], args.kid)
+    if needing:
+        print(f"error: {args.kid} still wraps files of {len(needing)} bundle(s); "
+              f"run `keys rotate` first:", file=sys.stderr)
+        for bundle in needing:
+            print(f"  {bundle}", file=sys.stderr)
+        return 1
+    ring = Keyring.load_file(path)
+    ring.retire(args.kid)
+    ring.save(path)
+    print(f"retired {args.kid}; keys left: {', '.join(ring.ids())}")
+    return 0
+
+
+def _usage(root: Path) -> Counter[str]:
+    uses: Counter[str] = Counter()
+    for bundle in bundle_dirs(root):
+        for path in bundle.rglob("*" + SUFFIX):
+            try:
+                uses.update(file_key_ids(path))
+            except (BundleError, OSError):
+                uses["(unreadable)"] += 1
+    return uses
+
+
+def _keys_ls(args: argparse.Namespace, resolved: Resolved) -> int:
+    ring = resolved[1]()
+    uses = _usage(resolved[2])
+    for kid in ring.ids():
+        mark = "*" if kid == ring.current_id else " "
+        print(f"{mark} {kid}  files: {uses.pop(kid, 0)}")
+    for kid, n in sorted(uses.items()):
+        print(f"! {kid}  files: {n}  (not in the keyring)")
+    return 0
+
+
+def _pack(args: argparse.Namespace, resolved: Resolved) -> int:
+    path = pack_bundle(args.dir, args.out or resolved[2], resolved[1](), name=args.name)
+    print(f"packed {path}")
+    return 0
+
+
+def _verify(args: argparse.Namespace, resolved: Resolved) -> int:
+    ring, failed = resolved[1](), 0
+    for path in args.dirs or bundle_dirs(resolved[2]):
+        try:
+            verify_bundle(path, ring)
+            print(f"ok {path}")
+        except BundleError as exc:
+            print(f"FAILED {exc}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
+def _bundle_ls(args: argparse.Namespace, resolved: Resolved) -> int:
+    opened, failed = open_all(resolved[2], resolved[1]())
+    for b in opened:
+        size = sum(b.file_path(n).stat().st_size for n in b.files)
+        kids = set().union(*(file_key_ids(b.file_path(n)) for n in b.files)) if b.files else set()
+        print(f"{b.path.name}  version {b.version}  {len(b.files)} files  "
+              f"{size / 1e6:.1f} MB  keys {','.join(sorted(kids))}")
+    for path, exc in failed:
+        print(f"{path.name}  UNAVAILABLE: {exc}")
+    return 1 if failed else 0
+
+
+def _import(args: argparse.Namespace, resolved: Resolved) -> int:
+    key = sys.stdin.readline().strip() if args.key == "-" else args.key
+    path = import_openssl(args.src, resolved[2], resolved[1](), key, args.iv,
+                          name=args.name, task=args.task)
+    print(f"imported {path}")
+    return 0

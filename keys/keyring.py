@@ -1,0 +1,173 @@
+"""The keyring: versioned key-encryption keys (KEKs), where they come from, how they rotate.
+
+On disk it is JSON, `{"current": kid, "keys": {kid: base64}}`, readable by its owner only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import json
+import os
+import re
+import secrets
+import stat
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+from keys import sealed
+from keys._fs import write_private
+from keys.errors import KeyringError
+
+KEY_BYTES = 32
+_KID = re.compile(r"^k\d{8}-[0-9a-f]{6}$")
+
+
+def new_key_id(taken: frozenset[str] | set[str] = frozenset()) -> str:
+    """A fresh key id like `k20261124-1a2b3c`: the date says how old a key is at a glance."""
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
+    while True:
+        kid = f"k{today}-{secrets.token_hex(3)}"
+        if kid not in taken:
+            return kid
+
+
+class Keyring:
+    """Key-encryption keys by id, one of them current (the one new wraps use)."""
+
+    __slots__ = ("_keys", "_current")
+
+    def __init__(self, keys: dict[str, bytes], current: str) -> None:
+        if current not in keys:
+            raise KeyringError(f"keyring: current key {current} is not in the ring")
+        self._keys = dict(keys)
+        self._current = current
+
+    def __repr__(self) -> str:  # never show key material
+        return f"Keyring(current={self._current!r}, ids={self.ids()!r})"
+
+    # -- making and changing ------------------------------------------------------------
+
+    @classmethod
+    def generate(cls) -> Keyring:
+        """A new ring with one random current key."""
+        kid = new_key_id()
+        return cls({kid: secrets.token_bytes(KEY_BYTES)}, kid)
+
+    def rotate(self) -> str:
+        """Add a new random key and make it current; return its id."""
+        kid = new_key_id(set(self._keys))
+        self._keys[kid] = secrets.token_bytes(KEY_BYTES)
+        self._current = kid
+        return kid
+
+    def retire(self, kid: str) -> None:
+        """Drop key `kid`; the current key cannot be retired (rotate first)."""
+        if kid not in self._keys:
+            raise KeyringError(f"keyring: no key {kid} (have {', '.join(self.ids())})")
+        if kid == self._current:
+            raise KeyringError(f"keyring: {kid} is the current key; rotate before retiring it")
+        del self._keys[kid]
+
+    # -- reading ------------------------------------------------------------------------
+
+    @property
+    def current_id(self) -> str:
+        """The id new wraps are made under."""
+        return self._current
+
+    def ids(self) -> list[str]:
+        """Every key id in the ring, oldest first (ids sort by date)."""
+        return sorted(self._keys)
+
+    def key(self, kid: str) -> bytes:
+        """The key bytes for `kid`; KeyringError when the ring lacks it."""
+        try:
+            return self._keys[kid]
+        except KeyError:
+            raise KeyringError(f"keyring: no key {kid} (have {', '.join(self.ids())})") from None
+
+    def __contains__(self, kid: object) -> bool:
+        return kid in self._keys
+
+    # -- serialising --------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        """The on-disk JSON form (holds key material: write it only 0600)."""
+        keys = {kid: base64.b64encode(k).decode("ascii") for kid, k in sorted(self._keys.items())}
+        return json.dumps({"current": self._current, "keys": keys}, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> Keyring:
+        """Parse the JSON form; `source` names where it came from, for error messages."""
+        try:
+            doc = json.loads(text)
+            current, raw = doc["current"], doc["keys"]
+            keys = {str(kid): base64.b64decode(v, validate=True) for kid, v in raw.items()}
+        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
+            raise KeyringError(f"{source}: not a keyring ({type(exc).__name__}: {exc})") from None
+        bad = sorted(kid for kid, k in keys.items() if len(k) != KEY_BYTES)
+        if bad:
+            raise KeyringError(f"{source}: key {bad[0]} is not {KEY_BYTES} bytes")
+        if current not in keys:
+            raise KeyringError(f"{source}: current key {current} is not in the ring")
+        return cls(keys, current)
+
+    def save(self, path: Path) -> None:
+        """Write the ring to `path` (0600, temp file + fsync + rename)."""
+        write_private(Path(path), self.to_json().encode("utf-8"))
+
+    @classmethod
+    def load_file(cls, path: Path) -> Keyring:
+        """Load a key file; refuses one that group or others may read."""
+        path = Path(path)
+        try:
+            st = os.stat(path)
+            if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise KeyringError(
+                    f"{path}: key file is accessible by group/others "
+                    f"(mode {stat.S_IMODE(st.st_mode):04o}); run `chmod 600 {path}`")
+            text = path.read_text("utf-8")
+        except OSError as exc:
+            raise KeyringError(f"{path}: cannot read key file ({exc.strerror})") from None
+        return cls.from_json(text, str(path))
+
+    @classmethod
+    def from_env_value(cls, text: str) -> Keyring:
+        """Parse a ring given in an environment variable (development only; caller warns)."""
+        return cls.from_json(text, "keyring from environment")
+
+    def seal_for(self, recipient_public_key: X25519PublicKey) -> bytes:
+        """This ring sealed to one gateway's X25519 public key (safe to send over MQTT)."""
+        return sealed.seal(self.to_json().encode("utf-8"), recipient_public_key)
+
+    @classmethod
+    def open_sealed(cls, data: bytes, private_key: X25519PrivateKey) -> Keyring:
+        """Open a ring made by `seal_for` with the gateway's private key."""
+        return cls.from_json(sealed.unseal(data, private_key).decode("utf-8"), "sealed keyring")
+
+    @classmethod
+    def from_sources(cls, credentials_dir: Path | None, file: Path | None,
+                     env_value: str | None, credential_name: str = "edge-keyring") -> Keyring:
+        """The first ring found: systemd credential, then key file, then environment value."""
+        tried = []
+        if credentials_dir is not None:
+            cred = Path(credentials_dir) / credential_name
+            if cred.is_file():
+                # systemd owns the access control of $CREDENTIALS_DIRECTORY (ramfs, 0400,
+                # service user only), so its mode is not second-guessed here.
+                try:
+                    return cls.from_json(cred.read_text("utf-8"), str(cred))
+                except OSError as exc:
+                    raise KeyringError(f"{cred}: cannot read credential ({exc.strerror})") from None
+            tried.append(f"credential {cred}")
+        if file is not None:
+            if Path(file).exists():
+                return cls.load_file(Path(file))
+            tried.append(f"key file {file}")
+        if env_value:
+            return cls.from_env_value(env_value)
+        tried.append("environment value")
+        raise KeyringError(f"no keyring found (tried {', '.join(tried)})")

