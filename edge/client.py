@@ -28,6 +28,7 @@ class Reply:
     media: tuple[tuple[str, bytes], ...] = ()
     progress: tuple[Mapping[str, Any], ...] = ()
     topic: str = ""
+    received: float = 0.0  # time.perf_counter() when the answer arrived
 
     @property
     def ok(self) -> bool:
@@ -96,10 +97,11 @@ class DeviceClient:
     def _on_message(self, client, userdata, msg) -> None:
         parts = msg.topic.split("/")
         if len(parts) >= 4 and parts[0] == "edge":
-            self._box(parts[3]).put((parts[1], msg))
+            self._box(parts[3]).put((parts[1], msg, time.perf_counter()))
         else:  # a response topic of our own: the request id is in the correlation data
             corr = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
-            self._box((corr or b"").decode("ascii", "replace")).put(("results", msg))
+            self._box((corr or b"").decode("ascii", "replace")).put(
+                ("results", msg, time.perf_counter()))
 
     # -- sending
 
@@ -131,13 +133,13 @@ class DeviceClient:
             if left <= 0:
                 raise TimeoutError(f"no answer to {request_id} within {timeout} s")
             try:
-                kind, msg = box.get(timeout=left)
+                kind, msg, at = box.get(timeout=left)
             except queue.Empty:
                 continue
             if kind == "progress":
                 progress.append(json.loads(msg.payload))
                 continue
-            return _reply(msg, tuple(progress))
+            return _reply(msg, tuple(progress), at)
 
     def request(self, task: str, *, text: Any = None, ids: Any = None,
                 data: bytes | Sequence[bytes] | None = None, params: Mapping[str, Any] | None = None,
@@ -162,7 +164,7 @@ def _prop(v: Any) -> str:
     return json.dumps(v) if isinstance(v, bool) else str(v)
 
 
-def _reply(msg, progress: tuple) -> Reply:
+def _reply(msg, progress: tuple, at: float) -> Reply:
     props = msg.properties
     ctype = getattr(props, "ContentType", None) if props else None
     if ctype and ctype != "application/json":
@@ -171,8 +173,8 @@ def _reply(msg, progress: tuple) -> Reply:
                 "result": json.loads(user.get("result", "{}"))}
         if "timings" in user:
             body["timings"] = json.loads(user["timings"])
-        return Reply(body, ((ctype, bytes(msg.payload)),), progress, msg.topic)
+        return Reply(body, ((ctype, bytes(msg.payload)),), progress, msg.topic, at)
     body = json.loads(msg.payload)
     media = tuple((m["content_type"], base64.b64decode(m["data"]))
                   for m in body.get("result", {}).get("media", []) or [])
-    return Reply(body, media, progress, msg.topic)
+    return Reply(body, media, progress, msg.topic, at)

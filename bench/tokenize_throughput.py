@@ -8,15 +8,10 @@ faster). Both sides get 2 threads. Our time includes the Python pre/post-process
 
 from __future__ import annotations
 
-import sys
-
-# Run as a script, this file's folder comes first on sys.path and this module would shadow the
-# standard library's `tokenize` (which linecache, hence openvino, imports): drop that entry.
-sys.path[:] = [p for p in sys.path if p.rstrip("/").rpartition("/")[2] != "bench"]
-
 import argparse
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 

@@ -1,0 +1,151 @@
+"""Benchmark the lcm pipeline against openvino.genai and diffusers+torch on the same weights.
+
+    .venv/bin/python -m bench.lcm --arch sd15 --size 512 --steps 4 --reps 3
+    .venv/bin/python -m bench.lcm --arch tiny                      # quick smoke run
+
+Run it as a module from the repo root so that `workers` imports without path tricks.
+
+`sd15` is the SD1.5 architecture with random weights (UNet ~860M params): its first prepare
+exports ~4 GB of IRs under ~/.cache/edge-daemon/prepared (minutes, ~12 GB RAM). All three run
+the same prompt, steps, size and thread count; medians over `--reps` after one warm-up.
+Our pipeline and genai use the same IRs and the same precision hint (default: the CPU
+plugin's bf16; `--f32` for f32). Ratios > 1 mean ours is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+PREPARED = Path.home() / ".cache/edge-daemon/prepared"
+PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+
+
+def median_seconds(run: Callable[[], object], reps: int) -> float:
+    """Median wall time of `reps` calls after one warm-up call."""
+    run()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def genai_dir(bundle: Path, reference: Path) -> Path:
+    """A genai-layout folder of symlinks to the bundle's IRs plus the reference's configs."""
+    out = PREPARED.parent / "bench-genai" / bundle.name  # not under prepared/: no bundle
+    if (out / "model_index.json").exists():
+        return out
+    parts = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae"}
+    for part, config in parts.items():
+        (out / part).mkdir(parents=True, exist_ok=True)
+        for ext in ("xml", "bin"):
+            link = out / part / f"openvino_model.{ext}"
+            link.unlink(missing_ok=True)
+            link.symlink_to(bundle / f"{part}.{ext}")
+        shutil.copyfile(reference / config / "config.json", out / part / "config.json")
+    (out / "scheduler").mkdir(exist_ok=True)
+    shutil.copyfile(reference / "scheduler/scheduler_config.json",
+                    out / "scheduler/scheduler_config.json")
+    _genai_tokenizer(out / "tokenizer")
+    index = json.loads((reference / "model_index.json").read_text())
+    # genai's JSON reader refuses the [null, null] entries of absent components
+    index = {k: v for k, v in index.items() if not (isinstance(v, list) and None in v)}
+    (out / "model_index.json").write_text(json.dumps(index))
+    return out
+
+
+def _genai_tokenizer(folder: Path) -> None:
+    """genai wants tokenizer + detokenizer IRs; ours truncates in Python, genai pads itself."""
+    import openvino as ov
+    import openvino_tokenizers
+
+    from workers.lcm._build import clip_tokenizer
+
+    folder.mkdir(exist_ok=True)
+    tok, detok = openvino_tokenizers.convert_tokenizer(clip_tokenizer(), with_detokenizer=True)
+    ov.save_model(tok, str(folder / "openvino_tokenizer.xml"))
+    ov.save_model(detok, str(folder / "openvino_detokenizer.xml"))
+
+
+def main() -> None:
+    """Run the three pipelines and print medians and ratios."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="sd15", choices=("tiny", "sd15"))
+    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--f32", action="store_true", help="f32 inference instead of bf16")
+    parser.add_argument("--int8", action="store_true", help="also run the NNCF INT8 UNet bundle")
+    parser.add_argument("--skip-torch", action="store_true")
+    args = parser.parse_args()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+    import openvino as ov
+    import torch
+
+    from workers.api import DeviceSettings, FolderBundle
+    from workers.lcm import LCMPipeline
+    from workers.lcm.prepare import prepare, reference_dir
+
+    torch.set_num_threads(args.threads)
+    (bundle,) = prepare(PREPARED, options={"arch": args.arch})
+    reference = reference_dir(PREPARED, f"lcm-{args.arch}-seed0")
+    size = args.size or json.loads((bundle / "bundle.json").read_text())["settings"]["default_width"]
+    props = {"INFERENCE_NUM_THREADS": args.threads}
+    if args.f32:
+        props["INFERENCE_PRECISION_HINT"] = "f32"
+    precision = "f32" if args.f32 else "bf16 (CPU default)"
+    print(f"lcm bench: arch={args.arch} {size}x{size} steps={args.steps} threads={args.threads} "
+          f"precision={precision} reps={args.reps} (median)")
+
+    results: dict[str, float] = {}
+    ours = LCMPipeline.load(FolderBundle(bundle), ov.Core(), DeviceSettings("CPU", props))
+    results["ours"] = median_seconds(
+        lambda: ours(PROMPT, steps=args.steps, seed=1, width=size, height=size), args.reps)
+    del ours
+
+    if args.int8:
+        (int8,) = prepare(PREPARED, options={"arch": args.arch, "unet": "int8"})
+        q = LCMPipeline.load(FolderBundle(int8), ov.Core(), DeviceSettings("CPU", props))
+        results["ours-int8"] = median_seconds(
+            lambda: q(PROMPT, steps=args.steps, seed=1, width=size, height=size), args.reps)
+        del q
+
+    import openvino_genai
+
+    genai = openvino_genai.Text2ImagePipeline(str(genai_dir(bundle, reference)), "CPU", **props)
+    results["genai"] = median_seconds(lambda: genai.generate(
+        PROMPT, width=size, height=size, num_inference_steps=args.steps, guidance_scale=8.0,
+        rng_seed=1), args.reps)
+    del genai
+
+    if not args.skip_torch:
+        from diffusers import LatentConsistencyModelPipeline
+
+        ref = LatentConsistencyModelPipeline.from_pretrained(reference, local_files_only=True)
+        ref.set_progress_bar_config(disable=True)
+
+        def run_torch() -> None:
+            with torch.inference_mode():
+                ref(PROMPT, num_inference_steps=args.steps, width=size, height=size,
+                    guidance_scale=8.0, generator=torch.Generator().manual_seed(1),
+                    output_type="np")
+
+        results["diffusers+torch (f32)"] = median_seconds(run_torch, args.reps)
+
+    base = results["ours"]
+    for name, seconds in results.items():
+        print(f"  {name:24s} {seconds * 1000:9.1f} ms   ours is {seconds / base:5.2f}x faster")
+
+
+if __name__ == "__main__":
+    main()
