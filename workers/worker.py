@@ -86,6 +86,43 @@ class EdgeWorker(SimpleWorker):
             log.warning("withdraw_failed", error=str(exc))
 
 
+class Reloader:
+    """SIGHUP: re-read the keyring, reopen and recompile every bundle, then swap them in.
+
+    The work happens on a thread while jobs keep running on the old models; the swap is one
+    attribute assignment, so a job sees either the old set or the new one, never a mix. A reload
+    that fails (keyring missing, every bundle broken) keeps the old models and says why.
+    """
+
+    def __init__(self, config: Config, device: str, runtime: jobs.Runtime) -> None:
+        self.config, self.device, self.runtime = config, device, runtime
+        self._lock = threading.Lock()
+
+    def request(self, *_: object) -> None:
+        threading.Thread(target=self.reload, name="reload", daemon=True).start()
+
+    def reload(self) -> bool:
+        import keys
+
+        with self._lock:
+            log.info("reload_started")
+            try:
+                ring = load_ring(self.config)
+                models = build_models(self.config, self.device, ring)
+            except (keys.KeyringError, SystemExit) as exc:
+                log.error("reload_failed", error=str(exc))
+                return False
+            del ring
+            if not models.handlers:
+                log.error("reload_failed", error="no task could be loaded; keeping the old models",
+                          unavailable=dict(models.unavailable))
+                return False
+            self.runtime.models = models
+            log.info("reload_done", models={t: list(m) for t, m in models.models.items()},
+                     unavailable=dict(models.unavailable))
+            return True
+
+
 def device_present(core, device: str) -> bool:
     """Whether OpenVINO sees `device` (GPU matches GPU.0 too)."""
     available = set(core.available_devices)
@@ -95,6 +132,7 @@ def device_present(core, device: str) -> bool:
 def build_models(config: Config, device: str, ring) -> ModelSet:
     """Compile everything this device serves."""
     import openvino as ov
+    import openvino_tokenizers  # noqa: F401 - registers its ops with every Core made after it
 
     core = ov.Core()
     if not device_present(core, device):
@@ -160,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     worker = EdgeWorker([queue_name(t, args.device) for t in served], runtime=runtime,
                         connection=conn, name=name.replace(".", "_"))
     log.info("worker_ready", worker=name, queues=[q.name for q in worker.queues])
-    signal.signal(signal.SIGHUP, lambda *_: log.info("reload_requested"))
+    reloader = Reloader(config, args.device, runtime)
+    signal.signal(signal.SIGHUP, reloader.request)
     worker.work(burst=args.burst, logging_level="WARNING")
     return 0
 
