@@ -35,7 +35,7 @@ def _bert_clean(text: str) -> str:
 
 def _nfc(text: str) -> str:
     # The IR's NFC and Python's agree with HF on more inputs than the IR's own normalizer does
-    return unicodedata.normalize("NFC", text)
+    return text if text.isascii() else unicodedata.normalize("NFC", text)
 
 
 def _lower(text: str) -> str:
@@ -138,8 +138,9 @@ class TokenizerPipeline:
         # share_*: the packed arrays are ours, and the outputs are copied out before the next call
         out = self._encoders[add_special_tokens].infer(
             _pack(prepared), share_inputs=True, share_outputs=True)
-        ids, mask = out["input_ids"], out["attention_mask"].astype(bool)
-        rows = [row[keep].tolist() for row, keep in zip(ids, mask)]
+        # rows are right-padded: each keeps its first mask.sum() ids (one tolist for the batch)
+        lengths = out["attention_mask"].sum(axis=1).tolist()
+        rows = [row[:n] for row, n in zip(out["input_ids"].tolist(), lengths)]
         if self.settings.suffix_ids and self._specials is not None:
             rows = [self._drop_suffix(row) if self._specials.search(text) else row
                     for row, text in zip(rows, texts)]
