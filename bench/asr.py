@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import sys
 
-# bench/ holds a tokenize.py that would shadow the stdlib module for a script run from here
-sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("bench")]
-
 import argparse  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
