@@ -108,24 +108,28 @@ def main() -> None:
           f"precision={precision} reps={args.reps} (median)")
 
     results: dict[str, float] = {}
+
+    def report(name: str, seconds: float) -> None:
+        results[name] = seconds
+        print(f"  {name:24s} {seconds * 1000:9.1f} ms", flush=True)  # long runs: show as we go
     ours = LCMPipeline.load(FolderBundle(bundle), ov.Core(), DeviceSettings("CPU", props))
-    results["ours"] = median_seconds(
-        lambda: ours(PROMPT, steps=args.steps, seed=1, width=size, height=size), args.reps)
+    report("ours", median_seconds(
+        lambda: ours(PROMPT, steps=args.steps, seed=1, width=size, height=size), args.reps))
     del ours
 
     if args.int8:
         (int8,) = prepare(PREPARED, options={"arch": args.arch, "unet": "int8"})
         q = LCMPipeline.load(FolderBundle(int8), ov.Core(), DeviceSettings("CPU", props))
-        results["ours-int8"] = median_seconds(
-            lambda: q(PROMPT, steps=args.steps, seed=1, width=size, height=size), args.reps)
+        report("ours-int8", median_seconds(
+            lambda: q(PROMPT, steps=args.steps, seed=1, width=size, height=size), args.reps))
         del q
 
     import openvino_genai
 
     genai = openvino_genai.Text2ImagePipeline(str(genai_dir(bundle, reference)), "CPU", **props)
-    results["genai"] = median_seconds(lambda: genai.generate(
+    report("genai", median_seconds(lambda: genai.generate(
         PROMPT, width=size, height=size, num_inference_steps=args.steps, guidance_scale=8.0,
-        rng_seed=1), args.reps)
+        rng_seed=1), args.reps))
     del genai
 
     if not args.skip_torch:
@@ -140,11 +144,11 @@ def main() -> None:
                     guidance_scale=8.0, generator=torch.Generator().manual_seed(1),
                     output_type="np")
 
-        results["diffusers+torch (f32)"] = median_seconds(run_torch, args.reps)
+        report("diffusers+torch (f32)", median_seconds(run_torch, args.reps))
 
-    base = results["ours"]
+    print("ratios (time / ours; > 1: ours is faster):")
     for name, seconds in results.items():
-        print(f"  {name:24s} {seconds * 1000:9.1f} ms   ours is {seconds / base:5.2f}x faster")
+        print(f"  {name:24s} {seconds / results['ours']:6.2f}x")
 
 
 if __name__ == "__main__":

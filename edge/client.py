@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import queue
 import threading
 import time
@@ -60,11 +61,26 @@ class DeviceClient:
             self.client.username_pw_set(self.username, self.password)
         if self.tls_ca:
             self.client.tls_set(ca_certs=self.tls_ca)
+        self.client.enable_logger(logging.getLogger("edge.client.paho"))
         self.client.on_message = self._on_message
-        self._subscribed = threading.Event()
-        self.client.on_subscribe = lambda *a, **k: self._subscribed.set()
+        self._connected = threading.Event()
+        self._suback: set[int] = set()
+        self._suback_cond = threading.Condition()
+        self.client.on_connect = lambda *a, **k: self._connected.set()
+        self.client.on_subscribe = self._on_subscribe
 
-    def connect(self, timeout: float = 10.0) -> DeviceClient:
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        with self._suback_cond:
+            self._suback.add(mid)
+            self._suback_cond.notify_all()
+
+    def connect(self, timeout: float = 30.0) -> DeviceClient:
+        """Connect, then subscribe to this device's results and progress (both confirmed).
+
+        Idempotent: `with daemon.device(...)` may enter an already connected client.
+        """
+        if self._connected.is_set():
+            return self
         if self.protocol == paho.MQTTv5:
             props = PahoProperties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self.session_expiry
@@ -73,11 +89,13 @@ class DeviceClient:
         else:
             self.client.connect(self.host, self.port, keepalive=30)
         self.client.loop_start()
-        for topic in (f"edge/results/{self.device_id}/#", f"edge/progress/{self.device_id}/#"):
-            self._subscribed.clear()
-            self.client.subscribe(topic, qos=1)
-            if not self._subscribed.wait(timeout):
-                raise TimeoutError(f"broker did not confirm the subscription to {topic}")
+        if not self._connected.wait(timeout):
+            raise TimeoutError(f"no CONNACK from {self.host}:{self.port} within {timeout} s")
+        topics = [(f"edge/results/{self.device_id}/#", 1), (f"edge/progress/{self.device_id}/#", 1)]
+        _, mid = self.client.subscribe(topics)
+        with self._suback_cond:
+            if not self._suback_cond.wait_for(lambda: mid in self._suback, timeout):
+                raise TimeoutError(f"broker did not confirm the subscriptions of {self.device_id}")
         return self
 
     def close(self) -> None:

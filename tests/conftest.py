@@ -53,3 +53,26 @@ def tokenizer_bundles(tmp_path_factory, keyring_file):
     for folder in folders:
         keys.pack_bundle(folder, root, ring)
     return root
+
+
+@pytest.fixture(scope="session")
+def packed_bundles(tmp_path_factory, keyring_file):
+    """`packed_bundles("asr", "tokenize")`: a bundle dir with those tasks' bundles (cached)."""
+    import importlib
+
+    import keys
+
+    made: dict[tuple[str, ...], Path] = {}
+
+    def pack(*tasks: str) -> Path:
+        key = tuple(sorted(set(tasks)))
+        if key not in made:
+            root = tmp_path_factory.mktemp("bundles-" + "-".join(key))
+            ring = keys.Keyring.load_file(keyring_file)
+            for task in key:
+                for folder in importlib.import_module(f"workers.{task}.prepare").prepare(PREPARED):
+                    keys.pack_bundle(folder, root, ring)
+            made[key] = root
+        return made[key]
+
+    return pack
