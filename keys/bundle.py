@@ -93,10 +93,21 @@ class Bundle:
 
     def read(self, name: str) -> bytearray:
         """Decrypt and authenticate file `name` into one new buffer (wiped if it fails)."""
+        buf, size = self.read_into(name, bytearray)
+        del buf[size:]
+        return buf
+
+    def read_into(self, name: str, allocate: Callable[[int], Any]) -> tuple[Any, int]:
+        """Decrypt file `name` straight into a buffer of the caller's: `allocate(n)` returns a
+        writable buffer of n bytes (the plaintext size plus 15 bytes of slack GCM needs).
+
+        Returns (buffer, plaintext size). Lets a consumer such as OpenVINO own the only copy of
+        the plaintext; the buffer is wiped if any chunk fails to authenticate.
+        """
         with _open_file(self, name) as f:
             header, key, lay = self._start(f, name)
-            buf = bytearray(lay.plain_len + 15)  # GCM's update_into wants a block of slack
-            view = memoryview(buf)
+            buf = allocate(lay.plain_len + 15)
+            view = memoryview(buf).cast("B")
             try:
                 fmt.decrypt_chunks(f, header, key, lay, str(self.file_path(name)),
                                    lambda off, n: view[off:off + n + 15])
@@ -105,8 +116,7 @@ class Bundle:
                 raise
             finally:
                 view.release()
-        del buf[lay.plain_len:]
-        return buf
+        return buf, lay.plain_len
 
     def verify(self) -> None:
         """Authenticate every chunk of every file without keeping any plaintext."""

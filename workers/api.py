@@ -115,16 +115,26 @@ class FolderBundle:
 def read_ir(core: Any, bundle: BundleLike, xml: str, weights: str | None = None) -> Any:
     """Read an OpenVINO IR from a bundle without it touching disk.
 
-    The weights buffer is copied into the `ov.Tensor` (the default), so the decrypted bytes can
-    be dropped as soon as this returns.
+    The weights are decrypted straight into an `ov.Tensor` that OpenVINO allocates and owns, so
+    the only plaintext copy is the model's own and lives exactly as long as the model needs it
+    (a buffer of ours shared with the model could be freed under it; a copy of it would double
+    the resident weights).
     """
     import openvino as ov
 
     weights = weights or xml[: -len(".xml")] + ".bin"
     xml_text = bytes(bundle.read(xml)).decode("utf-8")
-    blob = bundle.read(weights)
-    plain = np.frombuffer(blob, dtype=np.uint8)
-    tensor = ov.Tensor(plain)  # copies: the model owns its weights from here on
-    plain[:] = 0  # wipe our plaintext copy at once rather than when the GC gets to it
-    del plain, blob
+    read_into = getattr(bundle, "read_into", None)
+    if read_into is None:  # a plaintext FolderBundle (build host, tests)
+        return core.read_model(xml_text, ov.Tensor(np.frombuffer(bundle.read(weights), np.uint8)))
+    holder: list[Any] = []
+
+    def allocate(n: int) -> Any:
+        holder.append(ov.Tensor(ov.Type.u8, ov.Shape([n])))
+        return holder[-1].data
+
+    _, size = read_into(weights, allocate)
+    tensor = holder[0]
+    if size + 15 != tensor.get_byte_size():  # never: read_into asks for size + 15
+        raise ValueError(f"{weights}: unexpected buffer size")
     return core.read_model(xml_text, tensor)
