@@ -45,7 +45,9 @@ def photo(h: int, w: int) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=15)
-    reps = parser.parse_args().reps
+    parser.add_argument("--int8", action="store_true", help="also quantize with NNCF (~1 min)")
+    args = parser.parse_args()
+    reps = args.reps
     core = ov.Core()
     bundle = FolderBundle(PREPARED / "sr-fast-x4")
     lr = photo(270, 480)
@@ -63,7 +65,8 @@ def main() -> None:
     upscale = median_s(lambda: imageio.upscale_array(lr), reps)
     print(f"480x270->1920x1080 bare infer        {bare * 1e3:7.1f} ms")
     print(f"  pipeline (array in, array out)     {piped * 1e3:7.1f} ms  "
-          f"overhead {100 * (piped / bare - 1):+.0f}%  (pyvips bicubic alone {upscale * 1e3:.1f} ms)")
+          f"overhead {100 * (piped / bare - 1):+.0f}%  "
+          f"(pyvips bicubic alone {upscale * 1e3:.1f} ms)")
 
     handler = load([bundle], core, latency)
     data = imageio.as_vips(lr).pngsave_buffer()
@@ -94,7 +97,43 @@ def main() -> None:
               f"(pyvips/PIL x{upscale / pil_s:.2f})")
     except ImportError:
         print("PIL not installed: skipped the pyvips vs PIL comparison")
+    if args.int8:
+        bench_int8(core, bundle, lr, bic, bare, latency, reps)
     print(f"pyvips concurrency {pyvips.concurrency_get()}, openvino {ov.__version__}")
+
+
+def bench_int8(core, bundle, lr, bic, fp_time, device, reps) -> None:
+    """NNCF post-training INT8 of the same 1080p graph: speed and held-out PSNR vs FP."""
+    import nncf
+
+    from workers.superres import train
+
+    model = read_ir(core, bundle, "sr_fast_x4.xml")
+    model.reshape({0: [1, 270, 480, 3], 1: [1, 1080, 1920, 3]})
+    crops = [train.make_example(train.sample_dir() / name) for name in train.TRAIN[:6]]
+    samples = []
+    for ex in crops:  # 270x480 windows of training images (never the held-out ones)
+        h, w = min(270, ex.lr.shape[0]), min(480, ex.lr.shape[1])
+        lr_c = np.zeros((270, 480, 3), np.uint8)
+        lr_c[:h, :w] = ex.lr[:h, :w]
+        samples.append({0: lr_c[None], 1: imageio.upscale_array(lr_c)[None]})
+    quantized = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples))
+    compiled = core.compile_model(quantized, "CPU", dict(device.properties))
+    request = compiled.create_infer_request()
+    int8 = median_s(lambda: request.infer({0: lr[None], 1: bic[None]}), reps)
+    print(f"INT8 (NNCF) bare infer {int8 * 1e3:.1f} ms vs FP {fp_time * 1e3:.1f} ms "
+          f"(x{fp_time / int8:.2f} faster)")
+    fp_pipe = FastPipeline.load(bundle, core, device)
+    gains = []
+    for name in train.HELD_OUT:
+        ex = train.make_example(train.sample_dir() / name)
+        q_model = quantized.clone()
+        q_model.reshape({0: [1, *ex.lr.shape], 1: [1, *ex.bicubic.shape]})
+        q_out = core.compile_model(q_model, "CPU", dict(device.properties))(
+            {0: ex.lr[None], 1: ex.bicubic[None]})[0][0]
+        [fp_out] = fp_pipe([ex.lr])
+        gains.append((train.psnr_y(q_out, ex.hr) - train.psnr_y(fp_out, ex.hr)))
+    print(f"INT8 held-out PSNR(Y) minus FP: {np.round(gains, 3).tolist()} dB")
 
 
 if __name__ == "__main__":

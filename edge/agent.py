@@ -17,6 +17,7 @@ import redis
 import structlog
 
 from edge import constants as C
+from edge import metrics, sdnotify
 from edge.config import Config, ConfigError
 from edge.errors import EdgeError, Internal
 from edge.jobs import Answer
@@ -24,6 +25,7 @@ from edge.mqtt import MqttClient
 from edge.outbox import Outbox, OutboxRelay
 from edge.protocol import Outgoing, Properties, Rejected, error_answer, parse
 from edge.queueing import Enqueuer, Router
+from edge.reaper import Reaper
 from edge.redisconn import connect
 from edge.status import node_status
 
@@ -49,20 +51,40 @@ class Agent:
         self.mqtt = MqttClient(config.mqtt, config.client_id, subscriptions=(subscription,),
                                on_message=self.handle, will=(self.status_topic, offline),
                                password=password, on_connected=self._wake_status)
-        self.relay = OutboxRelay(conn, self.mqtt, consumer=config.client_id)
+        self.relay = OutboxRelay(conn, self.mqtt, consumer=config.client_id,
+                                 on_published=self._published)
+        # Watchdog: the status loop turns every STATUS_INTERVAL, whatever the broker does.
+        self.progress = sdnotify.Progress(stall_after=3 * C.STATUS_INTERVAL + 15)
+        self.reaper = Reaper(conn, config, owner=config.client_id)
         self._stop = threading.Event()
         self._status_now = threading.Event()
 
     # -- jobs in
 
     def handle(self, topic: str, payload: bytes, props: Properties) -> bool:
-        """Handle one job message; True when it may be acknowledged to the broker."""
+        """Handle one job message; True when it may be acknowledged to the broker.
+
+        While Redis is away the message is retried here rather than left unacknowledged: the
+        broker redelivers an unacknowledged message only on a reconnect, which may never come.
+        Blocking paho's thread meanwhile holds further jobs at the broker (back-pressure); if
+        the broker drops us for the silence, it redelivers on reconnect and dedup sorts it out.
+        """
+        delay = 0.25
+        while not self._handle_once(topic, payload, props):
+            if self._stop.wait(delay):
+                return False
+            delay = min(delay * 2, 5.0)
+        return True
+
+    def _handle_once(self, topic: str, payload: bytes, props: Properties) -> bool:
         received = time.time()
         try:
             sub = parse(topic, payload, props, max_bytes=self.max_bytes, now=received)
             enq = self.enqueuer.submit(sub, received)
             log.debug("job_enqueued", task=sub.route.task, device_id=sub.route.device_id,
                       job_id=sub.route.request_id, queue=enq.queue, duplicate=enq.duplicate)
+            if not enq.duplicate:
+                metrics.SUBMITTED.labels(sub.route.task, enq.queue.rsplit(".", 1)[-1]).inc()
             return True
         except Rejected as exc:
             return self._answer_error(exc.route, exc.error, topic)
@@ -81,6 +103,11 @@ class Agent:
 
     def _answer_error(self, route, error: EdgeError, topic: str) -> bool:
         log.info("job_rejected", topic=topic, code=error.code, reason=error.message)
+        # Only known task names as labels: a topic is client input (label cardinality).
+        task = route.task if route is not None and route.task in self.config.tasks else "other"
+        metrics.REJECTED.labels(task, error.code).inc()
+        if error.code == "busy":
+            metrics.BUSY.labels(task).inc()
         if route is None:
             return True  # nowhere to answer (not a job topic)
         try:
@@ -93,16 +120,27 @@ class Agent:
     # -- status
 
     def _wake_status(self) -> None:
+        sdnotify.ready(f"connected to {self.config.mqtt.host}:{self.config.mqtt.port}")
         self._status_now.set()
+
+    def _published(self, answer: Answer) -> None:
+        if answer.kind != "result" or answer.route.task not in self.config.tasks:
+            return
+        total_ms = (answer.body.get("timings") or {}).get("total_ms")
+        if total_ms is not None:
+            metrics.END_TO_END.labels(answer.route.task, answer.body.get("status", "ok")).observe(
+                max(total_ms, 0.0) / 1000)
 
     def publish_status(self, online: bool = True) -> None:
         doc = node_status(self.conn, self.config, online=online)
+        doc.update(metrics.observe_status(doc, self.conn))
         msg = Outgoing(self.status_topic, json.dumps(doc).encode(), 1,
                        Properties(content_type="application/json"))
         self.mqtt.publish(msg, retain=True)
 
     def _status_loop(self) -> None:
         while not self._stop.is_set():
+            self.progress.beat()
             self._status_now.wait(C.STATUS_INTERVAL)
             self._status_now.clear()
             if self._stop.is_set() or not self.mqtt.is_connected():
@@ -118,13 +156,20 @@ class Agent:
         """Run until `stop()`; returns after a clean shutdown."""
         self.mqtt.start()
         threads = [threading.Thread(target=self.relay.run, name="outbox-relay", daemon=True),
-                   threading.Thread(target=self._status_loop, name="status", daemon=True)]
+                   threading.Thread(target=self._status_loop, name="status", daemon=True),
+                   threading.Thread(target=self.reaper.run, name="reaper", daemon=True)]
         for t in threads:
             t.start()
+        metrics.serve(self.config.metrics_port)
+        watchdog = sdnotify.Watchdog(
+            lambda: self.progress.healthy() and all(t.is_alive() for t in threads)).start()
         log.info("agent_started", node=self.config.node, broker=self.config.mqtt.host,
                  port=self.config.mqtt.port)
         self._stop.wait()
+        sdnotify.stopping("publishing offline, draining the outbox relay")
+        watchdog.stop()
         self.relay.stop()
+        self.reaper.stop()
         self._status_now.set()
         for t in threads:
             t.join(timeout=15)

@@ -6,6 +6,7 @@
     edgectl bundle pack|verify|ls|import-openssl ...        encrypted model bundles
     edgectl keys generate|rotate|retire|ls ...              key-encryption keys
     edgectl status                                          node status, devices, queues
+    edgectl install-units [--root DIR] [--bindir DIR]       copy the systemd units (starts nothing)
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = sub.add_parser("status", help="node status: workers, models, queues, devices")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("install-units", help="copy the systemd units to /etc (starts nothing)")
+    p.add_argument("--root", default="/", help="install under this tree (DESTDIR)")
+    p.add_argument("--bindir", help="where edge-agent/edge-worker are (default: this venv's bin)")
+    p.set_defaults(func=lambda a: __import__("edge.units").units.main(a.root, a.bindir))
 
     from keys.cli import add_subcommands
 

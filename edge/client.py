@@ -19,6 +19,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
 
 from edge import constants as C
+from edge.mqtt import no_delay
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +67,12 @@ class DeviceClient:
         self._connected = threading.Event()
         self._suback: set[int] = set()
         self._suback_cond = threading.Condition()
-        self.client.on_connect = lambda *a, **k: self._connected.set()
+        self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
+
+    def _on_connect(self, client, *_: object) -> None:
+        no_delay(client)
+        self._connected.set()
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         with self._suback_cond:

@@ -46,6 +46,12 @@ class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
     username: str | None = None
     password_file: Path | None = None
+    # [redis.worker]: the workers' own ACL user (least privilege); unset fields come from [redis]
+    worker: RedisConfig | None = None
+
+    def for_worker(self) -> RedisConfig:
+        """The connection settings a worker uses."""
+        return self.worker or self
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +74,7 @@ class DeviceConfig:
     num_requests: int | None = None
     inference_precision: str | None = None  # "f32", "bf16", "f16"; None: the plugin's default
     cache_dir: Path | None = None  # OpenVINO model cache; only where encrypted (see README)
+    metrics_port: int | None = None  # this device's worker /metrics; None: see worker_metrics_port
 
     def properties(self) -> dict[str, Any]:
         """OpenVINO compile properties."""
@@ -113,6 +120,18 @@ class Config:
     def tasks_on(self, device: str) -> tuple[str, ...]:
         """Tasks routed to `device`, in priority order."""
         return tuple(t for t in C.TASK_ORDER if t in self.tasks and device in self.tasks[t].devices)
+
+    def worker_metrics_port(self, device: str) -> int:
+        """Where a device's worker serves /metrics: its own setting, else metrics_port + 1 + its
+        place among the devices the config names (sorted); 0 = off."""
+        own = self.device(device).metrics_port
+        if own is not None:
+            return own
+        if not self.metrics_port:
+            return 0
+        named = sorted({d for t in self.tasks.values() for d in t.devices} | set(self.devices)
+                       | {device})
+        return self.metrics_port + 1 + named.index(device)
 
     @property
     def client_id(self) -> str:
@@ -172,12 +191,16 @@ def _mqtt(r: _Reader) -> MqttConfig:
     return out
 
 
-def _redis(r: _Reader) -> RedisConfig:
+def _redis(r: _Reader, parent: RedisConfig | None = None) -> RedisConfig:
+    base = parent or RedisConfig()
     out = RedisConfig(
-        url=r.str("url", "redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss|unix)://"),
-        username=r.opt_str("username"),
-        password_file=r.opt_path("password_file"),
+        url=r.str("url", base.url, pattern=r"^(redis|rediss|unix)://"),
+        username=r.opt_str("username", base.username),
+        password_file=r.opt_path("password_file") or base.password_file,
     )
+    if parent is None and "worker" in r.raw:
+        out = RedisConfig(out.url, out.username, out.password_file,
+                          worker=_redis(r.table("worker"), parent=out))
     r.done()
     return out
 
@@ -225,6 +248,7 @@ def _devices(r: _Reader) -> dict[str, DeviceConfig]:
             num_requests=d.opt_int("num_requests", low=1),
             inference_precision=d.opt_choice("inference_precision", ("f32", "bf16", "f16")),
             cache_dir=d.opt_path("cache_dir"),
+            metrics_port=d.opt_int("metrics_port", low=0),
         )
         d.done()
     return out

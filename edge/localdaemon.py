@@ -59,9 +59,10 @@ class Daemon:
 
     def __init__(self, workdir: Path, bundle_dir: Path, keyring_file: Path,
                  tasks: dict[str, dict[str, Any]] | None = None, node: str = "test-gw",
-                 extra: dict[str, dict[str, Any]] | None = None) -> None:
+                 extra: dict[str, dict[str, Any]] | None = None,
+                 appendfsync: str = "always") -> None:
         self.workdir = workdir
-        self.redis = RedisServer(workdir / "redis").start()
+        self.redis = RedisServer(workdir / "redis", appendfsync=appendfsync).start()
         self.broker = MosquittoServer(workdir / "mosquitto").start()
         self.node = node
         self.tasks = tasks or {"tokenize": {"devices": ["CPU"]},
@@ -77,7 +78,9 @@ class Daemon:
     # -- processes
 
     def _spawn(self, module: str, *args: str, log: str) -> subprocess.Popen:
-        env = dict(os.environ, EDGE_CONFIG=str(self.config), PYTHONUNBUFFERED="1")
+        # as in the systemd units: numpy's BLAS threads must not spin on OpenVINO's cores
+        env = dict(os.environ, EDGE_CONFIG=str(self.config), PYTHONUNBUFFERED="1",
+                   OPENBLAS_NUM_THREADS="1")
         out = open(self.workdir / log, "ab")
         return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)

@@ -7,6 +7,7 @@ so that an exception is logged instead of silently killing paho's network loop.
 from __future__ import annotations
 
 import functools
+import socket
 import threading
 import time
 from typing import Callable
@@ -36,6 +37,20 @@ def _guarded(fn):
             return None
 
     return wrapper
+
+
+def no_delay(client: paho.Client) -> None:
+    """Turn off Nagle's algorithm on the client's socket (paho leaves it on).
+
+    With it on, a small PUBLISH that follows our PUBACK waits for the broker's delayed ACK:
+    about 40 ms added to every answer.
+    """
+    sock = client.socket()
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            log.warning("tcp_nodelay_failed", error=str(exc))
 
 
 def to_paho(props: Properties) -> PahoProperties | None:
@@ -144,6 +159,7 @@ class MqttClient:
         if reason_code.is_failure:
             log.warning("mqtt_connect_refused", reason=str(reason_code))
             return
+        no_delay(client)
         log.info("mqtt_connected", host=self.cfg.host, port=self.cfg.port,
                  session_present=getattr(flags, "session_present", None))
         for topic in self.subscriptions:

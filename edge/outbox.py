@@ -33,6 +33,41 @@ class Outbox:
         target = pipeline if pipeline is not None else self.conn
         target.xadd(self.stream, answer.to_fields(), maxlen=self.maxlen, approximate=True)
 
+    def answer_once(self, rq_job_key: str, answer: Answer, owner: str,
+                    blob_key: str | None = None) -> bool:
+        """Append the final answer of an RQ job unless someone (a worker, the reaper of any
+        agent) already did; drop the job's blob. One server-side step, so a crash or a lost
+        reply never leaves half of it done and a retry is harmless. True when we answered.
+
+        The mark is a field of RQ's own job hash, so it expires with the job (dedup window).
+        """
+        fields: list[bytes | str] = []
+        for k, v in answer.to_fields().items():
+            fields += [k, v]
+        keys = [rq_job_key, self.stream, UNANSWERED_KEY] + ([blob_key] if blob_key else [])
+        job_id = rq_job_key.rsplit(":", 1)[-1]
+        return bool(self.conn.eval(_ANSWER_ONCE, len(keys), *keys, owner, self.maxlen, job_id,
+                                   *fields))
+
+
+# KEYS: rq job hash, outbox stream, unanswered index, [blob];
+# ARGV: owner, maxlen, job id, field, value, ...
+# A job hash that no longer exists is answered without a mark (never recreate RQ's key).
+_ANSWER_ONCE = """
+redis.call('ZREM', KEYS[3], ARGV[3])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if redis.call('HSETNX', KEYS[1], 'edge_answered', ARGV[1]) == 0 then return 0 end
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 4))
+if KEYS[4] then redis.call('DEL', KEYS[4]) end
+return 1
+"""
+
+# zset job id -> time acknowledged: every job the agent stored and nobody has answered yet
+UNANSWERED_KEY = C.KEY_PREFIX + "unanswered"
+
+ANSWERED_FIELD = "edge_answered"
+
 
 class Publisher(Protocol):
     """What the relay needs of an MQTT client."""

@@ -16,6 +16,7 @@ from edge import constants as C
 from edge.config import Config
 from edge.errors import Busy, ModelUnavailable
 from edge.jobs import Job, job_key
+from edge.outbox import UNANSWERED_KEY
 from edge.protocol import Submission
 
 
@@ -95,7 +96,7 @@ class Enqueuer:
         if self.conn.exists(f"rq:job:{key}"):
             return Enqueued(job, "", duplicate=True)
         name = self.router.pick(task)
-        self._store_blob(job.blob_key, sub)
+        self._store_blob(job.blob_key, sub, key, received)
         try:
             self._queue(name).enqueue_call(
                 C.JOB_FUNCTION, args=(job.to_json(),), job_id=key, timeout=tcfg.timeout,
@@ -105,7 +106,7 @@ class Enqueuer:
             return Enqueued(job, name, duplicate=True)
         return Enqueued(job, name, duplicate=False)
 
-    def _store_blob(self, key: str, sub: Submission) -> None:
+    def _store_blob(self, key: str, sub: Submission, job_id: str, received: float) -> None:
         fields: dict[str, bytes | str] = {"n": str(len(sub.media))}
         if sub.text is not None:
             fields["text"] = json.dumps(sub.text)
@@ -118,6 +119,8 @@ class Enqueuer:
         pipe.delete(key)
         pipe.hset(key, mapping=fields)
         pipe.expire(key, self.config.blob_ttl)
+        # Indexed before RQ sees it: the reaper finds it even if a worker loses it (see reaper)
+        pipe.zadd(UNANSWERED_KEY, {job_id: received}, nx=True)
         pipe.execute()
 
 

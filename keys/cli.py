@@ -18,14 +18,17 @@ from keys.bundle import SUFFIX, bundle_dirs, open_all, pack_bundle, verify_bundl
 from keys.errors import BundleError, KeyringError
 from keys.keyring import Keyring
 from keys.legacy import import_openssl
-from keys.rotation import bundles_needing, file_key_ids, rotate_keyring
+from keys.rotation import (bundles_needing, file_key_ids, rewrap_bundle,
+                           rotate_keyring)
+from keys.sealed import load_private_key, load_public_key, write_identity
 
 Resolved = tuple[Path | None, Callable[[], Keyring], Path]
 Resolve = Callable[..., Resolved]
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction, resolve: Resolve) -> None:
-    """Register `keys generate|rotate|retire|ls` and `bundle pack|verify|ls|import-openssl`."""
+    """Register `keys generate|rotate|rewrap|retire|ls|identity|seal|unseal` and
+    `bundle pack|verify|ls|import-openssl`."""
     keys = subparsers.add_parser("keys", help="keyring: generate, rotate, retire, list")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
     p = ksub.add_parser("generate", help="write a new keyring (refuses to overwrite)")
@@ -33,10 +36,24 @@ def add_subcommands(subparsers: argparse._SubParsersAction, resolve: Resolve) ->
     _bind(p, resolve, _generate)
     _bind(ksub.add_parser("rotate", help="new current key, rewrap every bundle"), resolve,
           _rotate)
+    _bind(ksub.add_parser("rewrap", help="rewrap every bundle under the ring's current key "
+                          "(a gateway after installing a rotated fleet ring)"), resolve, _rewrap)
     p = ksub.add_parser("retire", help="drop an old key no bundle needs any more")
     p.add_argument("kid")
     _bind(p, resolve, _retire)
     _bind(ksub.add_parser("ls", help="key ids and how many files each wraps"), resolve, _keys_ls)
+    p = ksub.add_parser("identity", help="new X25519 key pair for a gateway (OUT and OUT.pub)")
+    p.add_argument("--out", type=Path, required=True, help="private key file (written 0600)")
+    _bind(p, resolve, _identity)
+    p = ksub.add_parser("seal", help="seal the keyring to one gateway's public key")
+    p.add_argument("--recipient", type=Path, required=True, help="the gateway's OUT.pub")
+    p.add_argument("--out", type=Path, required=True)
+    _bind(p, resolve, _seal)
+    p = ksub.add_parser("unseal", help="install a sealed keyring as this gateway's key file")
+    p.add_argument("sealed", type=Path)
+    p.add_argument("--identity", type=Path, required=True, help="this gateway's private key")
+    p.add_argument("--out", type=Path, help="key file (default: the configured one)")
+    _bind(p, resolve, _unseal)
 
     bundle = subparsers.add_parser("bundle", help="encrypted model bundles")
     bsub = bundle.add_subparsers(dest="bundle_command", required=True)
@@ -96,6 +113,13 @@ def _rotate(args: argparse.Namespace, resolved: Resolved) -> int:
     return 0
 
 
+def _rewrap(args: argparse.Namespace, resolved: Resolved) -> int:
+    ring = resolved[1]()
+    count = sum(rewrap_bundle(b, ring) for b in bundle_dirs(resolved[2]))
+    print(f"rewrapped {count} files under {resolved[2]} with key {ring.current_id}")
+    return 0
+
+
 def _retire(args: argparse.Namespace, resolved: Resolved) -> int:
     path = _key_file(resolved)
     needing = bundles_needing(resolved[2], args.kid)
@@ -109,6 +133,35 @@ def _retire(args: argparse.Namespace, resolved: Resolved) -> int:
     ring.retire(args.kid)
     ring.save(path)
     print(f"retired {args.kid}; keys left: {', '.join(ring.ids())}")
+    return 0
+
+
+def _identity(args: argparse.Namespace, resolved: Resolved) -> int:
+    pub = write_identity(args.out)
+    print(f"wrote {args.out} (mode 0600) and {pub}; send only {pub.name} to the key host")
+    return 0
+
+
+def _seal(args: argparse.Namespace, resolved: Resolved) -> int:
+    sealed = resolved[1]().seal_for(load_public_key(args.recipient))
+    args.out.write_bytes(sealed)  # safe to store and send: only the recipient opens it
+    print(f"sealed the keyring for {args.recipient} into {args.out}")
+    return 0
+
+
+def _unseal(args: argparse.Namespace, resolved: Resolved) -> int:
+    ring = Keyring.open_sealed(args.sealed.read_bytes(), load_private_key(args.identity))
+    out = args.out or _key_file(resolved)
+    # The fleet ring replaces the local one; a ring that lacks a key some local bundle still
+    # needs would leave that bundle unreadable at the next reload, so it is refused.
+    missing = sorted(k for k in _usage(resolved[2]) if k not in ring)
+    if missing:
+        raise KeyringError(f"{args.sealed}: the new keyring lacks {', '.join(missing)}, which "
+                           f"bundles under {resolved[2]} still need; ship the ring before "
+                           f"retiring keys, or rewrap the bundles first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ring.save(out)
+    print(f"wrote {out} (mode 0600), current key {ring.current_id}, keys {', '.join(ring.ids())}")
     return 0
 
 

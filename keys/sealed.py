@@ -10,6 +10,7 @@ to the sealed bytes is refused.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -17,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from keys._fs import write_private
 from keys.errors import KeyringError
 
 MAGIC = b"EDGESEAL1"
@@ -52,3 +54,44 @@ def unseal(sealed: bytes, private_key: X25519PrivateKey) -> bytes:
     except InvalidTag:
         raise KeyringError("sealed keyring: does not open with this private key "
                            "(sealed for another gateway, or altered)") from None
+
+
+# -- key files (PEM) -------------------------------------------------------------------
+
+
+def write_identity(path: Path) -> Path:
+    """A new gateway key pair: private key at `path` (PEM, 0600), public at `path`.pub."""
+    path = Path(path)
+    if path.exists():
+        raise KeyringError(f"{path}: exists; refusing to overwrite a gateway identity")
+    key = X25519PrivateKey.generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_private(path, key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    pub = path.with_name(path.name + ".pub")
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    return pub
+
+
+def load_public_key(path: Path) -> X25519PublicKey:
+    """A gateway's X25519 public key from its PEM file."""
+    try:
+        key = serialization.load_pem_public_key(Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise KeyringError(f"{path}: not a PEM public key ({exc})") from None
+    if not isinstance(key, X25519PublicKey):
+        raise KeyringError(f"{path}: not an X25519 public key")
+    return key
+
+
+def load_private_key(path: Path) -> X25519PrivateKey:
+    """This gateway's X25519 private key from its PEM file (unencrypted PKCS8)."""
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise KeyringError(f"{path}: not a PEM private key ({exc})") from None
+    if not isinstance(key, X25519PrivateKey):
+        raise KeyringError(f"{path}: not an X25519 private key")
+    return key

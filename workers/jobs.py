@@ -16,6 +16,7 @@ import structlog
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
+from edge import metrics
 from edge.errors import BadRequest, EdgeError, Internal, ModelUnavailable, Timeout
 from edge.jobs import Answer, Job
 from edge.outbox import Outbox
@@ -25,6 +26,8 @@ from workers.api import Media, Request, Response
 from workers.model_store import ModelSet
 
 log = structlog.get_logger("workers.jobs")
+
+ANSWER_PATIENCE = 60.0  # s a finished job keeps trying to store its answer while Redis is away
 
 
 @dataclass(slots=True)
@@ -48,7 +51,8 @@ def install(runtime: Runtime) -> None:
 def run(job_json: str) -> None:
     """Run one job and append its answer to the outbox."""
     job = Job.from_json(job_json)
-    conn = get_current_job().connection
+    current = get_current_job()
+    conn = current.connection
     rt = _runtime
     with structlog.contextvars.bound_contextvars(
             job_id=job.route.request_id, device_id=job.route.device_id, task=job.task,
@@ -56,10 +60,31 @@ def run(job_json: str) -> None:
         outbox = Outbox(conn)
         answer = execute(job, conn, rt, progress=lambda body: outbox.append(
             Answer(job.route, "progress", dict(body))))
-        pipe = conn.pipeline(transaction=True)
-        outbox.append(answer, pipeline=pipe)
-        pipe.delete(job.blob_key)
-        pipe.execute()
+        metrics.observe_answer(job.task, rt.device if rt else "?", answer.body)
+        _deliver(outbox, current.key, answer, rt.worker if rt else "worker", job.blob_key)
+
+
+def _deliver(outbox: Outbox, rq_key: str, answer: Answer, owner: str, blob_key: str,
+             patience: float = ANSWER_PATIENCE) -> None:
+    """Store the answer once, riding out a Redis restart (the answer is all the job was for).
+
+    A retry after a lost reply is harmless: `answer_once` refuses a second answer. When the
+    agent's reaper answered first (this worker looked dead: stopped, hung, partitioned), ours
+    is dropped so that the device gets exactly one.
+    """
+    deadline = time.monotonic() + patience
+    delay = 0.2
+    while True:
+        try:
+            if not outbox.answer_once(rq_key, answer, owner, blob_key):
+                log.warning("job_already_answered", note="the reaper answered it first")
+            return
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("answer_retry", error=str(exc))
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def execute(job: Job, conn: redis.Redis, rt: Runtime | None, progress) -> Answer:
@@ -75,6 +100,9 @@ def execute(job: Job, conn: redis.Redis, rt: Runtime | None, progress) -> Answer
         if handler is None:
             reason = rt.models.unavailable.get(job.task, f"{job.task} is not served here")
             raise ModelUnavailable(reason)
+        broken = rt.models.broken_reason(job.task, job.params.get("model"))
+        if broken is not None:  # else the handler would call the model "unknown"
+            raise ModelUnavailable(broken)
         blob = read_blob(conn, job.blob_key)
         if blob is None:
             raise Timeout("the job's payload expired before it could run")
@@ -131,6 +159,9 @@ def run_inline(handlers: ModelSet, task: str, request: Request, progress) -> Res
     handler = handlers.handlers.get(task)
     if handler is None:
         raise ModelUnavailable(handlers.unavailable.get(task, f"{task} is not available"))
+    broken = handlers.broken_reason(task, request.params.get("model"))
+    if broken is not None:
+        raise ModelUnavailable(broken)
     return handler(request, progress)
 
 

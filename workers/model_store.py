@@ -3,6 +3,11 @@
 The worker asks for the tasks its device serves; every bundle of those tasks is opened with the
 keyring, decrypted in memory and handed to the task's `load`. A bundle or task that fails to load
 is reported (`model_unavailable` for its jobs) while the others keep serving.
+
+A bundle that cannot be opened or decrypted (tampered, truncated, wrapped under a key the ring
+lacks) is dropped on its own and recorded in `ModelSet.broken`: the other bundles of its task
+still load, and a job that names the broken model is answered `model_unavailable` with the
+reason instead of "unknown model".
 """
 
 from __future__ import annotations
@@ -29,6 +34,12 @@ class ModelSet:
     unavailable: Mapping[str, str]
     models: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     load_seconds: Mapping[str, float] = field(default_factory=dict)
+    broken: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # bundle task->name->why
+
+    def broken_reason(self, task: str, model: Any) -> str | None:
+        """Why model `model` of job task `task` is not served, if its bundle is broken."""
+        reason = self.broken.get(C.BUNDLE_TASK.get(task, task), {}).get(model)
+        return f"model {model!r} is unavailable on this worker: {reason}" if reason else None
 
 
 def load_models(tasks: Sequence[str], bundle_dir: Path, ring: Any, core: Any,
@@ -37,8 +48,13 @@ def load_models(tasks: Sequence[str], bundle_dir: Path, ring: Any, core: Any,
     import keys
 
     bundles, errors = keys.open_all(bundle_dir, ring) if bundle_dir.exists() else ([], [])
+    broken: dict[str, dict[str, str]] = {}
     for path, err in errors:
         log.error("bundle_unreadable", bundle=str(path), error=str(err))
+        # bundle.json may be the broken part, so the folder name (`task--name`) says whose it is
+        task, sep, name = path.name.partition("--")
+        if sep:
+            broken.setdefault(task, {})[name] = str(err)
     by_task: dict[str, list] = {}
     for b in bundles:
         by_task.setdefault(b.task, []).append(b)
@@ -51,24 +67,78 @@ def load_models(tasks: Sequence[str], bundle_dir: Path, ring: Any, core: Any,
         bundle_task = C.BUNDLE_TASK[task]
         if bundle_task not in loaded:
             loaded[bundle_task] = _load_task(bundle_task, by_task.get(bundle_task, []), core,
-                                             device, seconds)
+                                             device, seconds, broken.setdefault(bundle_task, {}))
         outcome = loaded[bundle_task]
         if isinstance(outcome, str):
             unavailable[task] = outcome
         else:
             handlers[task] = outcome
-            models[task] = tuple(sorted(b.name for b in by_task.get(bundle_task, [])))
-    return ModelSet(handlers, unavailable, models, seconds)
+            models[task] = tuple(sorted(b.name for b in by_task.get(bundle_task, [])
+                                        if b.name not in broken.get(bundle_task, {})))
+    return ModelSet(handlers, unavailable, models, seconds,
+                    {t: dict(names) for t, names in broken.items() if names})
+
+
+class _BrokenBundle(Exception):
+    """A bundle's file failed to decrypt while its task was loading."""
+
+    def __init__(self, name: str, error: Exception) -> None:
+        super().__init__(f"{name}: {error}")
+        self.name, self.error = name, error
+
+
+class _Tracked:
+    """A bundle whose decrypt failures name the bundle, so that its task can load without it."""
+
+    def __init__(self, bundle: Any) -> None:
+        self._bundle = bundle
+
+    @property
+    def name(self) -> str:
+        return self._bundle.name
+
+    @property
+    def manifest(self) -> Mapping[str, Any]:
+        return self._bundle.manifest
+
+    def __getattr__(self, attr: str) -> Any:  # task loaders may use more of a real Bundle
+        return getattr(self._bundle, attr)
+
+    def read(self, name: str) -> bytearray:
+        import keys
+
+        try:
+            return self._bundle.read(name)
+        except keys.BundleError as exc:
+            raise _BrokenBundle(self._bundle.name, exc) from exc
+
+    def read_into(self, name: str, allocate: Any) -> Any:
+        import keys
+
+        try:
+            return self._bundle.read_into(name, allocate)
+        except keys.BundleError as exc:
+            raise _BrokenBundle(self._bundle.name, exc) from exc
 
 
 def _load_task(task: str, bundles: list, core: Any, device: DeviceSettings,
-               seconds: dict[str, float]) -> Handler | str:
+               seconds: dict[str, float], broken: dict[str, str]) -> Handler | str:
+    bundles = [b for b in bundles if b.name not in broken]
     if not bundles:
+        if broken:
+            return f"every {task} bundle is broken: " + "; ".join(
+                f"{n}: {why}" for n, why in sorted(broken.items()))
         return f"no {task} bundle on this gateway"
     start = time.perf_counter()
     try:
         module = importlib.import_module(f"workers.{task}")
-        handler = module.load(bundles, core, device)
+        handler = module.load([_Tracked(b) for b in bundles], core, device)
+    except _BrokenBundle as exc:
+        # Chunks are authenticated only when read, so a tampered file shows up here, in the
+        # middle of a task's load: drop that bundle and load the task again without it.
+        log.error("bundle_broken", task=task, bundle=exc.name, error=str(exc.error))
+        broken[exc.name] = str(exc.error)
+        return _load_task(task, bundles, core, device, seconds, broken)
     except Exception as exc:  # noqa: BLE001 - one broken model must not take the others down
         log.exception("task_load_failed", task=task, device=device.name)
         return f"{task} models failed to load on {device.name}: {type(exc).__name__}: {exc}"

@@ -22,6 +22,7 @@ from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
 from edge import constants as C
+from edge import metrics, sdnotify
 from edge.config import Config, ConfigError
 from edge.queueing import queue_name
 from workers import jobs
@@ -38,7 +39,24 @@ class EdgeWorker(SimpleWorker):
         super().__init__(queues, serializer=JSONSerializer, worker_ttl=35, **kwargs)
         self.runtime = runtime
         self._beating = threading.Event()
+        # Watchdog: the loop beats at least every dequeue_timeout; allow Redis back-off too.
+        self.progress = sdnotify.Progress(stall_after=self.dequeue_timeout + 100)
         jobs.install(runtime)
+
+    def heartbeat(self, *args, **kwargs):
+        self.progress.beat()  # before Redis: a Redis outage is not a hung worker
+        return super().heartbeat(*args, **kwargs)
+
+    def execute_job(self, job, queue):
+        self.progress.begin(job.timeout)
+        try:
+            return super().execute_job(job, queue)
+        finally:
+            self.progress.end()
+
+    def request_stop(self, signum, frame):
+        sdnotify.stopping("warm stop: finishing the job in hand")
+        return super().request_stop(signum, frame)
 
     def work(self, *args, **kwargs) -> bool:
         beat = threading.Thread(target=self._beat_loop, name="alive", daemon=True)
@@ -106,18 +124,23 @@ class Reloader:
 
         with self._lock:
             log.info("reload_started")
+            sdnotify.reloading("recompiling bundles with the new keyring")
             try:
                 ring = load_ring(self.config)
                 models = build_models(self.config, self.device, ring)
             except (keys.KeyringError, SystemExit) as exc:
                 log.error("reload_failed", error=str(exc))
+                sdnotify.ready("reload failed; serving the old models")
                 return False
             del ring
             if not models.handlers:
                 log.error("reload_failed", error="no task could be loaded; keeping the old models",
                           unavailable=dict(models.unavailable))
+                sdnotify.ready("reload failed; serving the old models")
                 return False
             self.runtime.models = models
+            metrics.observe_models(self.device, dict(models.load_seconds), list(models.handlers))
+            sdnotify.ready(f"reloaded; serving {', '.join(models.handlers)}")
             log.info("reload_done", models={t: list(m) for t, m in models.models.items()},
                      unavailable=dict(models.unavailable))
             return True
@@ -194,13 +217,20 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     name = args.name or f"{socket.gethostname()}-{args.device}-{os.getpid()}"
     runtime = jobs.Runtime(worker=name, device=args.device, models=models)
-    conn = connect(config.redis)
+    conn = connect(config.redis.for_worker())
+    metrics.observe_models(args.device, dict(models.load_seconds), served)
+    metrics.serve(config.worker_metrics_port(args.device))
     worker = EdgeWorker([queue_name(t, args.device) for t in served], runtime=runtime,
                         connection=conn, name=name.replace(".", "_"))
     log.info("worker_ready", worker=name, queues=[q.name for q in worker.queues])
     reloader = Reloader(config, args.device, runtime)
     signal.signal(signal.SIGHUP, reloader.request)
-    worker.work(burst=args.burst, logging_level="WARNING")
+    watchdog = sdnotify.Watchdog(worker.progress.healthy).start()
+    sdnotify.ready(f"serving {', '.join(served)} on {args.device}")
+    try:
+        worker.work(burst=args.burst, logging_level="WARNING")
+    finally:
+        watchdog.stop()
     return 0
 
 

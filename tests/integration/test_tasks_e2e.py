@@ -17,12 +17,19 @@ def _speech(text: str) -> bytes:
                           capture_output=True).stdout
 
 
+def _task_daemon(task: str, tmp_path_factory, packed_bundles, keyring_file, **limits):
+    """A daemon serving one task on CPU (its own broker, Redis, agent and worker)."""
+    d = Daemon(tmp_path_factory.mktemp(f"{task}-daemon"), packed_bundles(task), keyring_file,
+               tasks={task: {"devices": ["CPU"], **limits}})
+    d.start_worker("CPU", queue=f"edge.{task}.CPU")
+    d.start_agent()
+    return d
+
+
 @pytest.fixture(scope="module")
 def asr_daemon(tmp_path_factory, packed_bundles, keyring_file):
-    d = Daemon(tmp_path_factory.mktemp("asr-daemon"), packed_bundles("asr"), keyring_file,
-               tasks={"asr": {"devices": ["CPU"], "max_bytes": 20 << 20, "timeout": 300}})
-    d.start_worker("CPU", queue="edge.asr.CPU")
-    d.start_agent()
+    d = _task_daemon("asr", tmp_path_factory, packed_bundles, keyring_file,
+                     max_bytes=20 << 20, timeout=300)
     yield d
     d.stop()
 
@@ -63,10 +70,7 @@ def test_asr_bad_audio_is_answered_and_the_worker_keeps_serving(asr_daemon):
 
 @pytest.fixture(scope="module")
 def lcm_daemon(tmp_path_factory, packed_bundles, keyring_file):
-    d = Daemon(tmp_path_factory.mktemp("lcm-daemon"), packed_bundles("lcm"), keyring_file,
-               tasks={"lcm": {"devices": ["CPU"], "timeout": 300}})
-    d.start_worker("CPU", queue="edge.lcm.CPU")
-    d.start_agent()
+    d = _task_daemon("lcm", tmp_path_factory, packed_bundles, keyring_file, timeout=300)
     yield d
     d.stop()
 
@@ -91,3 +95,47 @@ def test_lcm_over_mqtt_streams_progress_in_order_and_matches_edgectl_run(lcm_dae
     assert out.returncode == 0, out.stderr
     png = next(tmp_path.glob("*.png")).read_bytes()
     assert png == reply.media[0][1]
+
+
+def _image(width: int, height: int, seed: int) -> bytes:
+    import numpy as np
+    import pyvips
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    img = pyvips.Image.new_from_array(base).resize(8, kernel="linear")
+    return img.crop(0, 0, width, height).cast("uchar").write_to_buffer(".png")
+
+
+@pytest.fixture(scope="module")
+def sr_daemon(tmp_path_factory, packed_bundles, keyring_file):
+    d = _task_daemon("superres", tmp_path_factory, packed_bundles, keyring_file,
+                     max_bytes=8 << 20, timeout=120)
+    yield d
+    d.stop()
+
+
+def test_superres_over_mqtt_equals_edgectl_run_and_batches_keep_order(sr_daemon, tmp_path):
+    images = [_image(64, 48, 1), _image(40, 40, 2), _image(72, 32, 3)]
+    with sr_daemon.device("cam-sr") as dev:
+        batch = dev.request("superres", data=images, request_id="b-3", timeout=120)
+        dev.publish_raw("superres", images[0], "one-raw", content_type="image/png")
+        raw = dev.wait("one-raw", timeout=120)
+    assert batch.ok, batch.body
+    sizes = [(i["width"], i["height"]) for i in batch.body["result"]["images"]]
+    assert sizes == [(256, 192), (160, 160), (288, 128)]  # request order, each 4x
+    assert len(batch.media) == 3 and raw.ok and raw.media[0][0] == "image/png"
+    assert raw.media[0][1] == batch.media[0][1]
+    src = tmp_path / "in.png"
+    src.write_bytes(images[0])
+    out = subprocess.run(
+        [sys.executable, "-m", "edge.cli", "--config", str(sr_daemon.config), "run", "superres",
+         str(src), "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert next((tmp_path / "out").glob("*.png")).read_bytes() == raw.media[0][1]
+
+
+def test_superres_bad_image_is_answered(sr_daemon):
+    with sr_daemon.device("cam-sr2") as dev:
+        reply = dev.request("superres", data=b"\x89PNG\r\n\x1a\nbroken", request_id="bad")
+    assert reply.body["error"]["code"] == "unsupported_media"

@@ -1,0 +1,128 @@
+"""Prometheus metrics of the agent and the workers, with fixed label sets (task, device, status).
+
+Each process serves its own registry on 127.0.0.1 (never on an outside interface: scrape it
+through the gateway's node exporter / Prometheus agent, or an SSH tunnel):
+
+* the agent on `metrics_port`;
+* a worker on `[devices.<DEV>] metrics_port` when set, else `metrics_port + 1 + i`, where `i` is
+  the device's place in the sorted list of devices the config names (`Config.worker_metrics_port`).
+
+`metrics_port = 0` turns every endpoint off. `status` is "ok" or one of the closed error codes.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from edge import constants as C
+
+log = structlog.get_logger("edge.metrics")
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# Job latencies span a 0.2 ms tokenizer call to a 10-minute LCM run.
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+            120, 300, 600)
+
+# -- workers
+JOBS = Counter("edge_jobs", "Jobs a worker finished, by outcome",
+               ("task", "device", "status"), registry=REGISTRY)
+QUEUE_WAIT = Histogram("edge_job_queue_wait_seconds", "From receipt by the agent to run start",
+                       ("task", "device"), buckets=_BUCKETS, registry=REGISTRY)
+RUN_TIME = Histogram("edge_job_run_seconds", "Run time of a job on its worker",
+                     ("task", "device"), buckets=_BUCKETS, registry=REGISTRY)
+MODEL_LOAD = Gauge("edge_model_load_seconds", "Decrypt + compile time of a task's bundles",
+                   ("task", "device"), registry=REGISTRY)
+MODELS_READY = Gauge("edge_models_ready", "1 when a task's models are compiled on this worker",
+                     ("task", "device"), registry=REGISTRY)
+
+# -- agent
+SUBMITTED = Counter("edge_jobs_submitted", "Jobs the agent enqueued (not duplicates)",
+                    ("task", "device"), registry=REGISTRY)
+REJECTED = Counter("edge_jobs_rejected", "Jobs the agent answered itself with an error",
+                   ("task", "status"), registry=REGISTRY)
+BUSY = Counter("edge_busy_rejections", "Jobs answered `busy`: every queue of the task was full",
+               ("task",), registry=REGISTRY)
+END_TO_END = Histogram("edge_job_end_to_end_seconds",
+                       "From receipt of the job to the broker's PUBACK of its answer",
+                       ("task", "status"), buckets=_BUCKETS, registry=REGISTRY)
+QUEUE_DEPTH = Gauge("edge_queue_depth", "Jobs waiting in a task/device queue",
+                    ("task", "device"), registry=REGISTRY)
+QUEUE_WORKERS = Gauge("edge_queue_workers", "Live workers listening to a task/device queue",
+                      ("task", "device"), registry=REGISTRY)
+OUTBOX_LENGTH = Gauge("edge_outbox_length", "Answers in the outbox stream not yet relayed",
+                      registry=REGISTRY)
+OUTBOX_OLDEST = Gauge("edge_outbox_oldest_pending_seconds",
+                      "Age of the oldest answer still in the outbox (0 when empty)",
+                      registry=REGISTRY)
+
+
+def serve(port: int, host: str = "127.0.0.1") -> bool:
+    """Serve REGISTRY on host:port (0 = off); False, with a log line, when the port is taken."""
+    if not port:
+        return False
+    try:
+        start_http_server(port, addr=host, registry=REGISTRY)
+    except OSError as exc:
+        # A second worker for the same device on one host: it runs, without its own endpoint.
+        log.warning("metrics_not_served", port=port, error=str(exc))
+        return False
+    log.info("metrics_served", address=f"http://{host}:{port}/metrics")
+    return True
+
+
+def observe_answer(task: str, device: str, body: dict) -> None:
+    """Count one finished job from its result body (status and timings)."""
+    status = body.get("status", "ok")
+    if status == "error":
+        status = (body.get("error") or {}).get("code", "internal")
+    JOBS.labels(task, device, status).inc()
+    timings = body.get("timings") or {}
+    if "queue_ms" in timings:
+        QUEUE_WAIT.labels(task, device).observe(max(timings["queue_ms"], 0.0) / 1000)
+    if "run_ms" in timings:
+        RUN_TIME.labels(task, device).observe(max(timings["run_ms"], 0.0) / 1000)
+
+
+def observe_models(device: str, load_seconds: dict[str, float], served: list[str]) -> None:
+    """Model load times and which tasks are ready, after a start or a reload."""
+    for task, seconds in load_seconds.items():
+        MODEL_LOAD.labels(task, device).set(seconds)
+    for task in C.TASK_ORDER:
+        MODELS_READY.labels(task, device).set(1 if task in served else 0)
+
+
+def outbox_lag(conn: redis.Redis, stream: str = C.OUTBOX_STREAM) -> tuple[int, float]:
+    """(entries in the outbox, age in s of the oldest one); stream ids are ms timestamps."""
+    try:
+        length = conn.xlen(stream)
+        first = conn.xrange(stream, count=1) if length else []
+    except redis.ResponseError:
+        return 0, 0.0
+    if not first:
+        return length, 0.0
+    ms = int(first[0][0].split(b"-")[0])
+    return length, max(time.time() - ms / 1000, 0.0)
+
+
+def observe_status(doc: dict, conn: redis.Redis) -> dict:
+    """Update the agent's gauges from a node status document; return the summary figures."""
+    for name, q in doc.get("queues", {}).items():
+        _, task, device = name.split(".", 2)
+        QUEUE_DEPTH.labels(task, device).set(q["depth"])
+        QUEUE_WORKERS.labels(task, device).set(q["workers"])
+    length, oldest = outbox_lag(conn)
+    OUTBOX_LENGTH.set(length)
+    OUTBOX_OLDEST.set(oldest)
+    return {"outbox_oldest_s": round(oldest, 3), "submitted": total(SUBMITTED),
+            "rejected": total(REJECTED), "busy": total(BUSY)}
+
+
+def total(counter: Counter) -> int:
+    """A counter summed over all its labels (for the status topic's summary)."""
+    return int(sum(s.value for m in counter.collect() for s in m.samples
+                   if s.name.endswith("_total")))

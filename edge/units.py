@@ -1,0 +1,56 @@
+"""`edgectl install-units`: copy the systemd units into place; start nothing.
+
+The units in `systemd/` name the console scripts as `/opt/edge/bin/...`; the installer rewrites
+that prefix to where this installation's scripts are (the venv's `bin/`), so the same files
+serve a packaged install and a checkout. `--root` installs under another tree (a package
+build's DESTDIR, or a test's temporary folder).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+UNITS_DIR = Path(__file__).resolve().parents[1] / "systemd"
+PLACEHOLDER_BIN = "/opt/edge/bin/"
+SYSTEMD_DIR = Path("etc/systemd/system")
+SYSUSERS = (Path("edge.sysusers.conf"), Path("etc/sysusers.d/edge.conf"))
+
+
+def unit_files(src: Path = UNITS_DIR) -> list[Path]:
+    """Every unit and drop-in under `src`, relative to it."""
+    return sorted(p.relative_to(src) for p in src.rglob("*")
+                  if p.is_file() and p.suffix in (".service", ".target", ".timer", ".conf")
+                  and p.name != SYSUSERS[0].name)
+
+
+def install(root: Path = Path("/"), bindir: Path | None = None, src: Path = UNITS_DIR) -> list[Path]:
+    """Write the units under `root`; return the files written (nothing is enabled or started)."""
+    bindir = bindir or Path(sys.executable).parent
+    prefix = str(bindir).rstrip("/") + "/"
+    written = []
+    for rel in unit_files(src):
+        dest = root / SYSTEMD_DIR / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        text = (src / rel).read_text().replace(PLACEHOLDER_BIN, prefix)
+        dest.write_text(text)
+        dest.chmod(0o644)  # units are world-readable config, never secrets
+        written.append(dest)
+    sysusers = root / SYSUSERS[1]
+    sysusers.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src / SYSUSERS[0], sysusers)
+    written.append(sysusers)
+    return written
+
+
+def main(root: str, bindir: str | None) -> int:
+    """CLI body: install, then say what to run next (the operator enables what they have)."""
+    written = install(Path(root), Path(bindir) if bindir else None)
+    for path in written:
+        print(f"installed {path}")
+    if Path(root) == Path("/"):
+        print("next: systemd-sysusers; systemctl daemon-reload; "
+              "systemctl enable --now edge.target edge-agent edge-worker@CPU "
+              "edge-key-rotation.timer")
+    return 0

@@ -1,0 +1,190 @@
+"""Fast 4x super-resolution: the two-input residual CNN, tiled, on a bounded set of shapes.
+
+    pipeline = FastPipeline.load(bundle, core, device)
+    [big] = pipeline([rgb_uint8_hw3])
+
+Any image size works: images are cut into tiles of at most `tile` x `tile` low-res pixels that
+overlap by `2 * margin`. The margin is wider than the network's receptive radius (5 low-res
+pixels), so cutting each overlap in its middle gives exactly what one whole-image pass would:
+no blending is needed. Every tile of an image larger than a tile has the same shape, so a
+handful of compiled shapes (kept in a small LRU) serve any size. Memory per in-flight request
+is bounded by the tile: ~(tile*4)^2 * 3 * 4 bytes per f32 tensor, ~150 MB at tile=512.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import openvino as ov
+
+from workers.api import BundleLike, DeviceSettings, read_ir
+from workers.superres.imageio import SCALE, as_vips, bicubic_x4
+
+# Receptive radius of the network in low-res pixels is 5 (5x5 conv + three 3x3): 8 is safe.
+MARGIN = 8
+TILE = 512
+MAX_SHAPES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """One tile along an axis: it reads [start, start + size) and writes [keep_lo, keep_hi)."""
+
+    start: int
+    size: int
+    keep_lo: int
+    keep_hi: int
+
+
+def plan_spans(length: int, tile: int = TILE, margin: int = MARGIN) -> tuple[Span, ...]:
+    """Equal-sized, evenly spread tiles covering `length`, cut in the middle of each overlap."""
+    if length <= tile:
+        return (Span(0, length, 0, length),)
+    stride = tile - 2 * margin
+    count = 1 + -(-(length - tile) // stride)
+    starts = np.linspace(0, length - tile, count).round().astype(int).tolist()
+    cuts = [0] + [(b + a + tile) // 2 for a, b in zip(starts, starts[1:])] + [length]
+    return tuple(Span(s, tile, lo, hi) for s, lo, hi in zip(starts, cuts, cuts[1:]))
+
+
+@dataclass(frozen=True, slots=True)
+class _Tile:
+    image: int
+    y: Span
+    x: Span
+
+
+class FastPipeline:
+    """Low-res RGB uint8 images in, 4x RGB uint8 images out, in the same order.
+
+    One call at a time (a worker runs one job at a time); tiles of the same shape, from one
+    image or several, run concurrently through one infer-request queue per compiled shape.
+    """
+
+    def __init__(self, model: ov.Model, core: ov.Core, device: DeviceSettings,
+                 tile: int = TILE, max_shapes: int = MAX_SHAPES) -> None:
+        self._model = model
+        self._core = core
+        self._device = device
+        self.tile = tile
+        self._max_shapes = max_shapes
+        self._compiled: OrderedDict[tuple[int, int], ov.AsyncInferQueue] = OrderedDict()
+
+    @classmethod
+    def load(cls, bundle: BundleLike, core: ov.Core, device: DeviceSettings) -> FastPipeline:
+        """Read the IR from the (decrypted-in-memory) bundle; shapes compile on first use."""
+        settings = bundle.manifest.get("settings", {})
+        model = read_ir(core, bundle, settings.get("xml", "sr_fast_x4.xml"))
+        pipeline = cls(model, core, device, tile=int(settings.get("tile", TILE)))
+        pipeline.warm_up(int(settings.get("warm_up_height", 270)),
+                         int(settings.get("warm_up_width", 480)))
+        return pipeline
+
+    def warm_up(self, height: int, width: int) -> None:
+        """Compile the most common shape before the first job."""
+        self._queue((min(height, self.tile), min(width, self.tile)))
+
+    def __call__(self, images: Sequence[np.ndarray],
+                 on_image: Callable[[int], None] | None = None) -> list[np.ndarray]:
+        """Upscale every image; `on_image(i)` is called (in this thread) as image i completes."""
+        pads = [_small_pad(img.shape[:2]) for img in images]
+        if not any(pads):
+            return self._upscale(images, on_image)
+        padded = [np.pad(img, (*p, (0, 0)), mode="edge") if p else img
+                  for img, p in zip(images, pads)]
+        outputs = self._upscale(padded, on_image)
+        return [out[p[0][0] * SCALE:out.shape[0] - p[0][1] * SCALE,
+                    p[1][0] * SCALE:out.shape[1] - p[1][1] * SCALE] if p else out
+                for out, p in zip(outputs, pads)]
+
+    def _upscale(self, images: Sequence[np.ndarray],
+                 on_image: Callable[[int], None] | None) -> list[np.ndarray]:
+        outputs = [np.empty((h * SCALE, w * SCALE, 3), np.uint8) for h, w, _ in
+                   (img.shape for img in images)]
+        tiles = [_Tile(i, ys, xs) for i, img in enumerate(images)
+                 for ys in plan_spans(img.shape[0], self.tile)
+                 for xs in plan_spans(img.shape[1], self.tile)]
+        pending = [0] * len(images)
+        for t in tiles:
+            pending[t.image] += 1
+        done: list[int] = []
+        lock = threading.Lock()
+
+        def finished(request: ov.InferRequest, tile: _Tile) -> None:
+            # runs on an OpenVINO thread, where an exception would be lost: a tile that is not
+            # pasted stays pending, and the check after wait_all refuses the half-done image
+            _paste(outputs[tile.image], request.get_output_tensor(0).data[0], tile)
+            with lock:
+                pending[tile.image] -= 1
+                if pending[tile.image] == 0:
+                    done.append(tile.image)
+
+        bases = [bicubic_x4(as_vips(img)) for img in images]  # lazy: evaluated per tile
+        reported = 0
+        used: dict[int, ov.AsyncInferQueue] = {}
+        for t in tiles:
+            queue = self._queue((t.y.size, t.x.size))
+            if id(queue) not in used:  # idle here: every call ends with wait_all
+                queue.set_callback(finished)
+                used[id(queue)] = queue
+            lr = images[t.image][t.y.start:t.y.start + t.y.size, t.x.start:t.x.start + t.x.size]
+            base = bases[t.image].crop(t.x.start * SCALE, t.y.start * SCALE,
+                                       t.x.size * SCALE, t.y.size * SCALE).numpy()
+            queue.start_async({0: np.ascontiguousarray(lr)[None], 1: base[None]}, userdata=t)
+            reported = _report(done, lock, reported, on_image)
+        for queue in used.values():
+            queue.wait_all()
+        if any(pending):
+            raise RuntimeError(f"{sum(pending)} tile(s) failed to infer")
+        _report(done, lock, reported, on_image)
+        return outputs
+
+    def _queue(self, shape: tuple[int, int]) -> ov.AsyncInferQueue:
+        """The compiled model for one low-res tile shape (LRU, at most `max_shapes`)."""
+        if shape in self._compiled:
+            self._compiled.move_to_end(shape)
+            return self._compiled[shape]
+        h, w = shape
+        model = self._model.clone()
+        model.reshape({0: [1, h, w, 3], 1: [1, h * SCALE, w * SCALE, 3]})
+        compiled = self._core.compile_model(model, self._device.name,
+                                            dict(self._device.properties))
+        queue = ov.AsyncInferQueue(compiled)
+        self._compiled[shape] = queue
+        while len(self._compiled) > self._max_shapes:
+            _, old = self._compiled.popitem(last=False)
+            old.wait_all()
+        return queue
+
+
+def _small_pad(shape: tuple[int, ...]) -> tuple[tuple[int, int], ...] | None:
+    """Edge padding for an image thinner than the receptive field, else None.
+
+    On such an image the network sees mostly zero padding (a 1x1 grey square rang by 14
+    levels); replicated edges are what the aligned bicubic (`extend="copy"`) assumes anyway.
+    """
+    if min(shape) >= 2 * MARGIN:
+        return None
+    return tuple((MARGIN, MARGIN) if n < 2 * MARGIN else (0, 0) for n in shape)
+
+
+def _paste(out: np.ndarray, result: np.ndarray, tile: _Tile) -> None:
+    y0, x0 = tile.y.keep_lo - tile.y.start, tile.x.keep_lo - tile.x.start
+    y1, x1 = tile.y.keep_hi - tile.y.start, tile.x.keep_hi - tile.x.start
+    out[tile.y.keep_lo * SCALE:tile.y.keep_hi * SCALE,
+        tile.x.keep_lo * SCALE:tile.x.keep_hi * SCALE] = \
+        result[y0 * SCALE:y1 * SCALE, x0 * SCALE:x1 * SCALE]
+
+
+def _report(done: list[int], lock: threading.Lock, reported: int,
+            on_image: Callable[[int], None] | None) -> int:
+    with lock:
+        fresh = done[reported:]
+    for index in fresh:
+        if on_image is not None:
+            on_image(index)
+    return reported + len(fresh)
