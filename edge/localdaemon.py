@@ -100,8 +100,13 @@ class Daemon:
         return proc
 
     def start(self) -> Daemon:
-        self.start_worker()
-        self.start_agent()
+        """Start a CPU worker and the agent; on any failure stop everything started so far."""
+        try:
+            self.start_worker()
+            self.start_agent()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def wait_worker(self, queue: str, proc: subprocess.Popen | None = None,

@@ -35,6 +35,17 @@ def _wait_port(port: int, timeout: float, proc: subprocess.Popen) -> None:
     raise TimeoutError(f"{proc.args[0]} did not listen on {port} within {timeout} s")
 
 
+_running: set[LocalService] = set()
+
+
+def stop_all() -> int:
+    """Stop every server this process started and has not stopped (a safety net for tests)."""
+    left = list(_running)
+    for service in left:
+        service.stop()
+    return len(left)
+
+
 class LocalService:
     """A child server process bound to one port for its whole life (restarts keep the port)."""
 
@@ -55,11 +66,13 @@ class LocalService:
         log = open(self.workdir / "server.log", "ab")
         self.proc = subprocess.Popen(self.command(), cwd=self.workdir, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
+        _running.add(self)
         _wait_port(self.port, timeout, self.proc)
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM and wait (Redis saves its AOF, Mosquitto its persistence)."""
+        _running.discard(self)
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -70,6 +83,7 @@ class LocalService:
 
     def kill(self) -> None:
         """SIGKILL: a crash."""
+        _running.discard(self)
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()

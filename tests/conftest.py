@@ -16,6 +16,15 @@ from edge.localservices import MosquittoServer, RedisServer
 PREPARED = Path.home() / ".cache" / "edge-daemon" / "prepared"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_server_outlives_the_session():
+    """Whatever a failed fixture left running is stopped at the end."""
+    yield
+    from edge.localservices import stop_all
+
+    stop_all()
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()

@@ -21,8 +21,12 @@ def _task_daemon(task: str, tmp_path_factory, packed_bundles, keyring_file, **li
     """A daemon serving one task on CPU (its own broker, Redis, agent and worker)."""
     d = Daemon(tmp_path_factory.mktemp(f"{task}-daemon"), packed_bundles(task), keyring_file,
                tasks={task: {"devices": ["CPU"], **limits}})
-    d.start_worker("CPU", queue=f"edge.{task}.CPU")
-    d.start_agent()
+    try:
+        d.start_worker("CPU", queue=f"edge.{task}.CPU")
+        d.start_agent()
+    except BaseException:
+        d.stop()  # no private server may outlive a failed start
+        raise
     return d
 
 
