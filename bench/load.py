@@ -1,6 +1,7 @@
 """Sustained load: mixed tokenize/detokenize jobs at a fixed rate, checking that none is lost.
 
-Starts a private daemon (Redis with appendfsync always, Mosquitto, agent, one CPU worker),
+Starts a private daemon (Redis with appendfsync everysec as configs/redis.conf ships it,
+Mosquitto, agent, one CPU worker),
 publishes `--rate` jobs/s for `--seconds` from one device, then waits for every answer and
 prints the rate reached, the answer codes, p50/p99 latency (publish -> answer at the device),
 and any loss or duplicate. It reports what it measured, never a target.
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         ring.save(work / "keyring.json")
         for folder in prepare(PREPARED):
             keys.pack_bundle(folder, work / "bundles", ring)
-        d = Daemon(work / "d", work / "bundles", work / "keyring.json").start()
+        d = Daemon(work / "d", work / "bundles", work / "keyring.json",
+                   appendfsync="everysec").start()
         try:
             dev = d.device("load-dev", session_expiry=3600)
             try:
