@@ -8,6 +8,9 @@ A bundle that cannot be opened or decrypted (tampered, truncated, wrapped under 
 lacks) is dropped on its own and recorded in `ModelSet.broken`: the other bundles of its task
 still load, and a job that names the broken model is answered `model_unavailable` with the
 reason instead of "unknown model".
+
+Custom-op extensions a bundle carries (`workers.extensions`) are added to the Core before its
+task reads any IR; a bundle whose extension fails to load is broken the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import structlog
 
 from edge import constants as C
 from workers.api import DeviceSettings, Handler
+from workers.extensions import ExtensionError, Extensions
 
 log = structlog.get_logger("workers.model_store")
 
@@ -63,11 +67,13 @@ def load_models(tasks: Sequence[str], bundle_dir: Path, ring: Any, core: Any,
     models: dict[str, tuple[str, ...]] = {}
     seconds: dict[str, float] = {}
     loaded: dict[str, Handler | str] = {}
+    extensions = Extensions(core, device.name)
     for task in tasks:
         bundle_task = C.BUNDLE_TASK[task]
         if bundle_task not in loaded:
             loaded[bundle_task] = _load_task(bundle_task, by_task.get(bundle_task, []), core,
-                                             device, seconds, broken.setdefault(bundle_task, {}))
+                                             device, seconds, broken.setdefault(bundle_task, {}),
+                                             extensions)
         outcome = loaded[bundle_task]
         if isinstance(outcome, str):
             unavailable[task] = outcome
@@ -122,7 +128,8 @@ class _Tracked:
 
 
 def _load_task(task: str, bundles: list, core: Any, device: DeviceSettings,
-               seconds: dict[str, float], broken: dict[str, str]) -> Handler | str:
+               seconds: dict[str, float], broken: dict[str, str],
+               extensions: Extensions) -> Handler | str:
     bundles = [b for b in bundles if b.name not in broken]
     if not bundles:
         if broken:
@@ -131,6 +138,8 @@ def _load_task(task: str, bundles: list, core: Any, device: DeviceSettings,
         return f"no {task} bundle on this gateway"
     start = time.perf_counter()
     try:
+        for b in bundles:  # the ops an IR names must exist before the IR is read
+            _add_extensions(extensions, b)
         module = importlib.import_module(f"workers.{task}")
         handler = module.load([_Tracked(b) for b in bundles], core, device)
     except _BrokenBundle as exc:
@@ -138,7 +147,7 @@ def _load_task(task: str, bundles: list, core: Any, device: DeviceSettings,
         # middle of a task's load: drop that bundle and load the task again without it.
         log.error("bundle_broken", task=task, bundle=exc.name, error=str(exc.error))
         broken[exc.name] = str(exc.error)
-        return _load_task(task, bundles, core, device, seconds, broken)
+        return _load_task(task, bundles, core, device, seconds, broken, extensions)
     except Exception as exc:  # noqa: BLE001 - one broken model must not take the others down
         log.exception("task_load_failed", task=task, device=device.name)
         return f"{task} models failed to load on {device.name}: {type(exc).__name__}: {exc}"
@@ -146,3 +155,10 @@ def _load_task(task: str, bundles: list, core: Any, device: DeviceSettings,
     log.info("task_loaded", task=task, device=device.name,
              models=sorted(b.name for b in bundles), seconds=round(seconds[task], 3))
     return handler
+
+
+def _add_extensions(extensions: Extensions, bundle: Any) -> None:
+    try:
+        extensions.apply(_Tracked(bundle))
+    except ExtensionError as exc:
+        raise _BrokenBundle(bundle.name, exc) from exc
