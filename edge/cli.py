@@ -6,6 +6,7 @@
     edgectl bundle pack|verify|ls|import-openssl ...        encrypted model bundles
     edgectl keys generate|rotate|retire|ls ...              key-encryption keys
     edgectl status                                          node status, devices, queues
+    edgectl bench BUNDLE [--shape N[..]] [--niter N|--time S] benchmark_app for a bundle's IR
     edgectl install-units [--root DIR] [--bindir DIR]       copy the systemd units (starts nothing)
 """
 
@@ -60,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = sub.add_parser("status", help="node status: workers, models, queues, devices")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("bench", help="benchmark one IR of an encrypted bundle (benchmark_app)")
+    __import__("edge.benchcmd").benchcmd.add_arguments(p)
 
     p = sub.add_parser("install-units", help="copy the systemd units to /etc (starts nothing)")
     p.add_argument("--root", default="/", help="install under this tree (DESTDIR)")

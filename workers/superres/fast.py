@@ -13,7 +13,6 @@ is bounded by the tile: ~(tile*4)^2 * 3 * 4 bytes per f32 tensor, ~150 MB at til
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -72,7 +71,7 @@ class FastPipeline:
         self._device = device
         self.tile = tile
         self._max_shapes = max_shapes
-        self._compiled: OrderedDict[tuple[int, int], ov.AsyncInferQueue] = OrderedDict()
+        self._compiled: OrderedDict[tuple[int, int], list[ov.InferRequest]] = OrderedDict()
 
     @classmethod
     def load(cls, bundle: BundleLike, core: ov.Core, device: DeviceSettings) -> FastPipeline:
@@ -86,7 +85,7 @@ class FastPipeline:
 
     def warm_up(self, height: int, width: int) -> None:
         """Compile the most common shape before the first job."""
-        self._queue((min(height, self.tile), min(width, self.tile)))
+        self._pool((min(height, self.tile), min(width, self.tile)))
 
     def __call__(self, images: Sequence[np.ndarray],
                  on_image: Callable[[int], None] | None = None) -> list[np.ndarray]:
@@ -111,40 +110,40 @@ class FastPipeline:
         pending = [0] * len(images)
         for t in tiles:
             pending[t.image] += 1
-        done: list[int] = []
-        lock = threading.Lock()
-
-        def finished(request: ov.InferRequest, tile: _Tile) -> None:
-            # runs on an OpenVINO thread, where an exception would be lost: a tile that is not
-            # pasted stays pending, and the check after wait_all refuses the half-done image
-            _paste(outputs[tile.image], request.get_output_tensor(0).data[0], tile)
-            with lock:
-                pending[tile.image] -= 1
-                if pending[tile.image] == 0:
-                    done.append(tile.image)
-
         bases = [bicubic_x4(as_vips(img)) for img in images]  # lazy: evaluated per tile
-        reported = 0
-        used: dict[int, ov.AsyncInferQueue] = {}
+        busy: dict[int, tuple[ov.InferRequest, _Tile]] = {}  # id(request) -> its tile
+
+        def collect(request: ov.InferRequest) -> None:
+            # plain requests, waited and pasted on this thread: AsyncInferQueue callbacks were
+            # seen to deadlock OpenVINO 2026.4 when a queue is destroyed (openvino PR #37073)
+            request.wait()
+            _, tile = busy.pop(id(request))
+            _paste(outputs[tile.image], request.get_output_tensor(0).data[0], tile)
+            pending[tile.image] -= 1
+            if pending[tile.image] == 0 and on_image is not None:
+                on_image(tile.image)
+
         for t in tiles:
-            queue = self._queue((t.y.size, t.x.size))
-            if id(queue) not in used:  # idle here: every call ends with wait_all
-                queue.set_callback(finished)
-                used[id(queue)] = queue
+            request = self._next_request((t.y.size, t.x.size))
+            if id(request) in busy:
+                collect(request)
             lr = images[t.image][t.y.start:t.y.start + t.y.size, t.x.start:t.x.start + t.x.size]
             base = bases[t.image].crop(t.x.start * SCALE, t.y.start * SCALE,
                                        t.x.size * SCALE, t.y.size * SCALE).numpy()
-            queue.start_async({0: np.ascontiguousarray(lr)[None], 1: base[None]}, userdata=t)
-            reported = _report(done, lock, reported, on_image)
-        for queue in used.values():
-            queue.wait_all()
-        if any(pending):
-            raise RuntimeError(f"{sum(pending)} tile(s) failed to infer")
-        _report(done, lock, reported, on_image)
+            request.start_async({0: np.ascontiguousarray(lr)[None], 1: base[None]})
+            busy[id(request)] = (request, t)
+        for request, _ in list(busy.values()):
+            collect(request)
         return outputs
 
-    def _queue(self, shape: tuple[int, int]) -> ov.AsyncInferQueue:
-        """The compiled model for one low-res tile shape (LRU, at most `max_shapes`)."""
+    def _next_request(self, shape: tuple[int, int]) -> ov.InferRequest:
+        """The next infer request, round robin, of the model compiled for one tile shape."""
+        pool = self._pool(shape)
+        pool.append(pool.pop(0))
+        return pool[-1]
+
+    def _pool(self, shape: tuple[int, int]) -> list[ov.InferRequest]:
+        """Infer requests of the model compiled for one low-res tile shape (LRU, bounded)."""
         if shape in self._compiled:
             self._compiled.move_to_end(shape)
             return self._compiled[shape]
@@ -153,12 +152,11 @@ class FastPipeline:
         model.reshape({0: [1, h, w, 3], 1: [1, h * SCALE, w * SCALE, 3]})
         compiled = self._core.compile_model(model, self._device.name,
                                             dict(self._device.properties))
-        queue = ov.AsyncInferQueue(compiled)
-        self._compiled[shape] = queue
+        n = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self._compiled[shape] = [compiled.create_infer_request() for _ in range(n)]
         while len(self._compiled) > self._max_shapes:
-            _, old = self._compiled.popitem(last=False)
-            old.wait_all()
-        return queue
+            self._compiled.popitem(last=False)  # idle: every call waits for all it started
+        return self._compiled[shape]
 
 
 def _small_pad(shape: tuple[int, ...]) -> tuple[tuple[int, int], ...] | None:
@@ -178,13 +176,3 @@ def _paste(out: np.ndarray, result: np.ndarray, tile: _Tile) -> None:
     out[tile.y.keep_lo * SCALE:tile.y.keep_hi * SCALE,
         tile.x.keep_lo * SCALE:tile.x.keep_hi * SCALE] = \
         result[y0 * SCALE:y1 * SCALE, x0 * SCALE:x1 * SCALE]
-
-
-def _report(done: list[int], lock: threading.Lock, reported: int,
-            on_image: Callable[[int], None] | None) -> int:
-    with lock:
-        fresh = done[reported:]
-    for index in fresh:
-        if on_image is not None:
-            on_image(index)
-    return reported + len(fresh)
