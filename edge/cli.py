@@ -75,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_subcommands(sub, lambda: _resolve_keys(parser))
 
     args = parser.parse_args(argv)
+    from edge import logs
+
+    logs.configure("auto")  # log lines go to stderr: stdout carries only the command's answer
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
