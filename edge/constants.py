@@ -40,3 +40,6 @@ ALIVE_WINDOW = 30.0  # s: a worker whose last heartbeat is older is not routed t
 HEARTBEAT_INTERVAL = 5.0  # s
 STATUS_INTERVAL = 10.0  # s
 PUBACK_TIMEOUT = 10.0  # s
+# One answer's media, at most: an MQTT message is capped at 256 MB by the protocol (and often
+# lower by the broker); base64 in envelope answers adds a third. Bigger answers are refused.
+MAX_ANSWER_BYTES = 64 << 20

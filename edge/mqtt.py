@@ -140,12 +140,26 @@ class MqttClient:
         return self.client.publish(msg.topic, msg.payload, qos=msg.qos, retain=retain,
                                    properties=to_paho(msg.properties))
 
-    def publish_many(self, messages: list[Outgoing], timeout: float) -> list[bool]:
-        """Publish all, then wait for each PUBACK (QoS 0 counts as done once sent)."""
-        infos = [self.publish(m) for m in messages]
+    def publish_many(self, messages: list[Outgoing], timeout: float) -> list[bool | None]:
+        """Publish all, then wait for each PUBACK (QoS 0 counts as done once sent).
+
+        Per message: True when acknowledged, False when not (yet: retry later), None when
+        paho refuses it outright (e.g. past MQTT's size limit: retrying cannot help).
+        """
+        infos: list[paho.MQTTMessageInfo | None] = []
+        for m in messages:
+            try:
+                infos.append(self.publish(m))
+            except (ValueError, TypeError) as exc:
+                log.error("mqtt_publish_refused", topic=m.topic, bytes=len(m.payload),
+                          error=str(exc))
+                infos.append(None)
         deadline = time.monotonic() + timeout
-        done = []
+        done: list[bool | None] = []
         for info in infos:
+            if info is None:
+                done.append(None)
+                continue
             try:
                 info.wait_for_publish(max(0.0, deadline - time.monotonic()))
                 done.append(info.is_published())

@@ -16,7 +16,8 @@ import structlog
 
 from edge import constants as C
 from edge.jobs import Answer
-from edge.protocol import Outgoing, render
+from edge.errors import Internal
+from edge.protocol import Outgoing, error_answer, render
 
 log = structlog.get_logger("edge.outbox")
 
@@ -72,8 +73,8 @@ ANSWERED_FIELD = "edge_answered"
 class Publisher(Protocol):
     """What the relay needs of an MQTT client."""
 
-    def publish_many(self, messages: list[Outgoing], timeout: float) -> list[bool]:
-        """Publish; return, per message, whether the broker acknowledged it in time."""
+    def publish_many(self, messages: list[Outgoing], timeout: float) -> list[bool | None]:
+        """Publish; per message True (acknowledged), False (retry later), None (refused)."""
         ...
 
     def is_connected(self) -> bool: ...
@@ -107,23 +108,27 @@ class OutboxRelay:
         self._stop.set()
 
     def run(self) -> None:
-        """Relay until stopped; survives Redis and broker outages by waiting and retrying."""
+        """Relay until stopped; survives Redis and broker outages by waiting and retrying.
+
+        Entries that failed are retried at most every half second, between reads of new ones,
+        so one answer the broker keeps refusing never holds up the others.
+        """
+        next_retry = 0.0
         while not self._stop.is_set():
             try:
                 if not self.publisher.is_connected():
                     self._retry_pending = True  # what we read before the outage is re-read
                     self._stop.wait(0.2)
                     continue
-                if self._retry_pending:
+                if self._retry_pending and time.monotonic() >= next_retry:
                     self._retry_pending = False
                     while self.relay_once(pending=True) and not self._retry_pending:
                         pass
                     if self._retry_pending:
-                        self._stop.wait(0.5)
-                    continue
+                        next_retry = time.monotonic() + 0.5
                 if time.monotonic() - self._last_claim > self.claim_idle_ms / 1000:
                     self._claim_abandoned()
-                self.relay_once(block_ms=500)
+                self.relay_once(block_ms=200 if self._retry_pending else 500)
             except redis.RedisError as exc:
                 log.warning("outbox_redis_error", error=str(exc))
                 self._stop.wait(1.0)
@@ -165,15 +170,26 @@ class OutboxRelay:
         messages = [render(a) for _, a in answers]
         acked = self.publisher.publish_many(messages, timeout=C.PUBACK_TIMEOUT)
         done = [eid for (eid, _), ok in zip(answers, acked) if ok]
-        if len(done) < len(answers):
+        refused = [(eid, a) for (eid, a), ok in zip(answers, acked) if ok is None]
+        if len(done) + len(refused) < len(answers):
             self._retry_pending = True
-        if done:
-            self._ack(done)
+        for _, answer in refused:
+            self._replace_refused(answer)
+        if done or refused:
+            self._ack(done + [eid for eid, _ in refused])
         if self.on_published:
             for (_, answer), ok in zip(answers, acked):
                 if ok:
                     self.on_published(answer)
         return len(done)
+
+    def _replace_refused(self, answer: Answer) -> None:
+        """An answer MQTT cannot carry becomes a small error answer, so the device still
+        hears back (progress notes are just dropped)."""
+        if answer.kind != "result":
+            return
+        error = Internal("the answer could not be sent over MQTT (too large for one message)")
+        Outbox(self.conn, self.stream).append(error_answer(answer.route, error))
 
     def _ack(self, ids: list) -> None:
         pipe = self.conn.pipeline(transaction=False)

@@ -16,8 +16,10 @@ import structlog
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
+from edge import constants as C
 from edge import metrics
-from edge.errors import BadRequest, EdgeError, Internal, ModelUnavailable, Timeout
+from edge.errors import (BadRequest, EdgeError, Internal, ModelUnavailable, PayloadTooLarge,
+                         Timeout)
 from edge.jobs import Answer, Job
 from edge.outbox import Outbox
 from edge.protocol import result_body
@@ -107,6 +109,7 @@ def execute(job: Job, conn: redis.Redis, rt: Runtime | None, progress) -> Answer
         if blob is None:
             raise Timeout("the job's payload expired before it could run")
         response = handler(to_request(job, blob), progress)
+        check_answer_size(response)
         body = result_body(job.route, result=response.result,
                            timings=_timings(job, started))
         log.info("job_done", run_ms=round((time.time() - started) * 1000, 2))
@@ -121,6 +124,14 @@ def execute(job: Job, conn: redis.Redis, rt: Runtime | None, progress) -> Answer
     except Exception:  # noqa: BLE001 - a bad job must never kill the worker
         log.exception("job_failed")
         return _error(job, Internal("internal error while running the job"), started)
+
+
+def check_answer_size(response: Response, limit: int = C.MAX_ANSWER_BYTES) -> None:
+    """Refuse an answer too big for one MQTT message (say how to ask for a smaller one)."""
+    size = sum(len(m.data) for m in response.media)
+    if size > limit:
+        raise PayloadTooLarge(f"the answer would be {size} bytes, over the {limit}-byte limit of "
+                              "one message: send a smaller input or ask for format=jpeg")
 
 
 def _error(job: Job, error: EdgeError, started: float) -> Answer:
