@@ -18,7 +18,7 @@ import structlog
 
 from edge import constants as C
 from edge import metrics, sdnotify
-from edge.config import Config, ConfigError
+from edge.config import Config
 from edge.errors import EdgeError, Internal
 from edge.jobs import Answer
 from edge.mqtt import MqttClient
@@ -190,17 +190,12 @@ class Agent:
 
 def main(argv: list[str] | None = None) -> int:
     """`edge-agent [--config FILE]`."""
-    from edge.cli_common import load_config, setup_logging
+    from edge.cli_common import start_daemon
 
     parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="daemon TOML (default: $EDGE_CONFIG or configs/demo.toml)")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"edge-agent: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(config)
+    config = start_daemon("edge-agent", args.config)
     agent = Agent(config, connect(config.redis))
     signal.signal(signal.SIGTERM, agent.stop)
     signal.signal(signal.SIGINT, agent.stop)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from edge import config as config_mod
@@ -22,3 +23,14 @@ def load_config(arg: str | None) -> config_mod.Config:
 
 def setup_logging(config: config_mod.Config) -> None:
     logs.configure(config.log_format)
+
+
+def start_daemon(prog: str, arg: str | None) -> config_mod.Config:
+    """A daemon's first steps: load the config (exit 2 naming the bad field), set up logging."""
+    try:
+        config = load_config(arg)
+    except config_mod.ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    setup_logging(config)
+    return config

@@ -23,7 +23,7 @@ from rq.serializers import JSONSerializer
 
 from edge import constants as C
 from edge import metrics, sdnotify
-from edge.config import Config, ConfigError
+from edge.config import Config
 from edge.queueing import queue_name
 from workers import jobs
 from workers.api import DeviceSettings
@@ -187,7 +187,7 @@ def load_ring(config: Config):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `edge-worker`."""
-    from edge.cli_common import load_config, setup_logging
+    from edge.cli_common import start_daemon
     from edge.redisconn import connect
 
     parser = argparse.ArgumentParser(prog="edge-worker", description=__doc__.splitlines()[0])
@@ -196,12 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     parser.add_argument("--name", help="worker name (default: <host>-<device>-<pid>)")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"edge-worker: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(config)
+    config = start_daemon("edge-worker", args.config)
     tasks = config.tasks_on(args.device)
     if not tasks:
         print(f"edge-worker: no task is routed to {args.device} in the config", file=sys.stderr)

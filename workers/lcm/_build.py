@@ -5,10 +5,12 @@ Imports torch/diffusers/transformers lazily; never imported by runtime code.
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 from typing import Any
+
+# the real CLIP tokenizer (77 tokens), built once for the tokenize and lcm tasks alike
+from workers.tokenize.prepare import build_clip as clip_tokenizer  # noqa: F401
 
 #: LCM-Dreamshaper-v7's scheduler config (the values a real LCM checkpoint ships).
 SCHEDULER_CONFIG: dict[str, Any] = {
@@ -65,42 +67,6 @@ ARCHS: dict[str, dict[str, Any]] = {
         "size": 512,
     },
 }
-
-
-def clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """CLIP's vocab and merges, rebuilt from open-clip-torch's BPE file (as OpenAI's code does)."""
-    import importlib.util
-
-    # find_spec, not import: open_clip's __init__ needs torchvision, which must not be installed
-    spec = importlib.util.find_spec("open_clip")
-    path = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(path).read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
-    base = list(_bytes_to_unicode().values())
-    words = base + [b + "</w>" for b in base] + ["".join(m) for m in merges]
-    words += ["<|startoftext|>", "<|endoftext|>"]
-    return {w: i for i, w in enumerate(words)}, merges
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def clip_tokenizer(model_max_length: int = 77) -> Any:
-    """A transformers CLIPTokenizer over the real CLIP vocabulary (vocab=/merges= args: FACTS)."""
-    from transformers import CLIPTokenizer
-
-    vocab, merges = clip_vocab()
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
 def build_pipeline(arch: str = "tiny", seed: int = 0) -> Any:
