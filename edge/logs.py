@@ -8,6 +8,19 @@ import sys
 import structlog
 
 
+class _StderrLogger:
+    """Writes each line to whatever `sys.stderr` is now, not the one at configure time
+    (a replaced or closed stream, e.g. under a test runner, must not break logging)."""
+
+    def __init__(self, *_: object) -> None:
+        pass
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
 def configure(fmt: str = "auto", level: int = logging.INFO) -> None:
     """Configure structlog and the stdlib loggers (RQ, paho) to go through it."""
     json_out = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
@@ -21,7 +34,7 @@ def configure(fmt: str = "auto", level: int = logging.INFO) -> None:
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_StderrLogger,
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
