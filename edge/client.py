@@ -17,6 +17,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from edge import constants as C
 from edge.mqtt import no_delay
@@ -37,9 +38,24 @@ class Reply:
         return self.body.get("status") == "ok"
 
 
+PACKET_TOO_LARGE = 0x95  # the MQTT 5 reason code
+
+
+class PublishRefused(ValueError):
+    """A job the broker refused (a PUBACK failure code) or would refuse (too big for it)."""
+
+    def __init__(self, message: str, reason_code: int) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code
+
+
 @dataclass
 class DeviceClient:
-    """One device's connection to the broker."""
+    """One device's connection to the broker.
+
+    Its subscriptions (those made through `subscribe`) are made again on every reconnect: a
+    broker that lost the session (restart without its state, expiry, a clean start) forgot them.
+    """
 
     host: str
     port: int
@@ -64,20 +80,50 @@ class DeviceClient:
             self.client.tls_set(ca_certs=self.tls_ca)
         self.client.enable_logger(logging.getLogger("edge.client.paho"))
         self.client.on_message = self._on_message
+        self._connack = threading.Event()
         self._connected = threading.Event()
+        self._connect_refused: str | None = None  # the reason of the last refused CONNACK
+        self._max_packet_size: int | None = None  # announced in CONNACK (MQTT 5)
+        self._subscriptions: dict[str, int] = {}  # topic -> qos, made again on reconnect
         self._suback: set[int] = set()
         self._suback_cond = threading.Condition()
+        self._pending: dict[int, str] = {}  # mid -> request id, still waiting for its PUBACK
+        self._refused: dict[int, ReasonCode] = {}  # mid -> failure PUBACK nobody waited for
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = self._on_publish
 
-    def _on_connect(self, client, *_: object) -> None:
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._connect_refused = str(reason_code)
+            self._connack.set()
+            return
         no_delay(client)
+        self._connect_refused = None
+        self._max_packet_size = getattr(properties, "MaximumPacketSize", None)
+        with self._lock:
+            topics = list(self._subscriptions.items())
+        if topics:  # even with a session present: a subscribe sent while away never got there
+            client.subscribe(topics)
         self._connected.set()
+        self._connack.set()
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         with self._suback_cond:
             self._suback.add(mid)
             self._suback_cond.notify_all()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._lock:
+            request_id = self._pending.pop(mid, None)
+            if not reason_code.is_failure:
+                self._refused.pop(mid, None)
+                return
+            if request_id is None:  # still in `_publish`, or published on `self.client`
+                self._refused[mid] = reason_code
+                return
+        self._box(request_id).put(("refused", _refused_error(request_id, reason_code),
+                                   time.perf_counter()))
 
     def connect(self, timeout: float = 30.0) -> DeviceClient:
         """Connect, then subscribe to this device's results and progress (both confirmed).
@@ -94,14 +140,27 @@ class DeviceClient:
         else:
             self.client.connect(self.host, self.port, keepalive=30)
         self.client.loop_start()
-        if not self._connected.wait(timeout):
+        if not self._connack.wait(timeout):
             raise TimeoutError(f"no CONNACK from {self.host}:{self.port} within {timeout} s")
-        topics = [(f"edge/results/{self.device_id}/#", 1), (f"edge/progress/{self.device_id}/#", 1)]
-        _, mid = self.client.subscribe(topics)
+        if self._connect_refused is not None:
+            raise ConnectionRefusedError(
+                f"{self.host}:{self.port} refused {self.device_id}: {self._connect_refused}")
+        self.subscribe(f"edge/results/{self.device_id}/#", f"edge/progress/{self.device_id}/#",
+                       timeout=timeout)
+        return self
+
+    def subscribe(self, *topics: str, qos: int = 1, timeout: float = 30.0) -> None:
+        """Subscribe (confirmed by the broker); kept, and made again on every reconnect.
+
+        Subscribe to a response topic here, not on `self.client`, for it to survive a broker
+        that lost the session.
+        """
+        with self._lock:
+            self._subscriptions.update(dict.fromkeys(topics, qos))
+        _, mid = self.client.subscribe([(t, qos) for t in topics])
         with self._suback_cond:
             if not self._suback_cond.wait_for(lambda: mid in self._suback, timeout):
                 raise TimeoutError(f"broker did not confirm the subscriptions of {self.device_id}")
-        return self
 
     def close(self) -> None:
         self.client.disconnect()
@@ -129,12 +188,15 @@ class DeviceClient:
     # -- sending
 
     def publish_envelope(self, task: str, envelope: Mapping[str, Any], qos: int = 1) -> None:
+        """Publish one envelope job; raises `PublishRefused` when the broker will not take it."""
         topic = C.JOB_TOPIC.format(task=task, device_id=self.device_id)
-        self.client.publish(topic, json.dumps(envelope), qos=qos).wait_for_publish(10)
+        self._publish(topic, json.dumps(envelope).encode(), str(envelope.get("id")), qos)
 
     def publish_raw(self, task: str, payload: bytes, request_id: str, *,
                     content_type: str | None = None, params: Mapping[str, Any] | None = None,
                     response_topic: str | None = None, qos: int = 1) -> None:
+        """Publish one raw MQTT 5 job (the request id as correlation data); see `subscribe`
+        for a response topic."""
         props = PahoProperties(PacketTypes.PUBLISH)
         props.CorrelationData = request_id.encode()
         if content_type:
@@ -144,10 +206,38 @@ class DeviceClient:
         if params:
             props.UserProperty = [(k, _prop(v)) for k, v in params.items()]
         topic = C.JOB_TOPIC.format(task=task, device_id=self.device_id)
-        self.client.publish(topic, payload, qos=qos, properties=props).wait_for_publish(10)
+        self._publish(topic, payload, request_id, qos, props)
+
+    def _publish(self, topic: str, payload: bytes, request_id: str, qos: int,
+                 props: PahoProperties | None = None) -> None:
+        """Publish and wait for the PUBACK (up to PUBACK_TIMEOUT); a refusal raises.
+
+        A job past the broker's Maximum Packet Size is refused here: sent, it would make the
+        broker drop the connection, and paho would send it again on every reconnect, forever.
+        A refusal that comes after the wait is handed to `wait()` instead.
+        """
+        limit = self._max_packet_size
+        if limit and self.protocol == paho.MQTTv5:
+            size = publish_packet_size(topic, payload, qos, props)
+            if size > limit:
+                raise PublishRefused(
+                    f"job {request_id!r} is {size} bytes as an MQTT packet; the broker takes "
+                    f"at most {limit} (send less, or ask the gateway to raise max_packet_size)",
+                    PACKET_TOO_LARGE)
+        info = self.client.publish(topic, payload, qos=qos, properties=props)
+        info.wait_for_publish(C.PUBACK_TIMEOUT)
+        with self._lock:
+            refused = self._refused.pop(info.mid, None)
+            if refused is None and not info.is_published():
+                self._pending[info.mid] = request_id
+        if refused is not None:
+            raise _refused_error(request_id, refused)
 
     def wait(self, request_id: str, timeout: float = 60.0) -> Reply:
-        """The answer to `request_id` (progress notes collected on the way)."""
+        """The answer to `request_id` (progress notes collected on the way).
+
+        Raises `PublishRefused` when the broker refused the job, `TimeoutError` past `timeout`.
+        """
         box = self._box(request_id)
         progress = []
         deadline = time.monotonic() + timeout
@@ -162,6 +252,8 @@ class DeviceClient:
             if kind == "progress":
                 progress.append(json.loads(msg.payload))
                 continue
+            if kind == "refused":
+                raise msg
             return _reply(msg, tuple(progress), at)
 
     def request(self, task: str, *, text: Any = None, ids: Any = None,
@@ -181,6 +273,20 @@ class DeviceClient:
                            if isinstance(data, (list, tuple)) else base64.b64encode(data).decode())
         self.publish_envelope(task, env)
         return self.wait(rid, timeout)
+
+
+def publish_packet_size(topic: str, payload: bytes, qos: int,
+                        props: PahoProperties | None) -> int:
+    """Bytes of an MQTT 5 PUBLISH packet, as a broker's Maximum Packet Size counts them."""
+    remaining = 2 + len(topic.encode()) + (2 if qos else 0) + len(payload)
+    remaining += len(props.pack()) if props is not None else 1  # 1: an empty property length
+    length_bytes = 1 + (remaining >= 1 << 7) + (remaining >= 1 << 14) + (remaining >= 1 << 21)
+    return 1 + length_bytes + remaining
+
+
+def _refused_error(request_id: str, reason: ReasonCode) -> PublishRefused:
+    return PublishRefused(f"the broker refused job {request_id!r}: {reason} "
+                          f"(reason code 0x{reason.value:02x})", reason.value)
 
 
 def _prop(v: Any) -> str:
