@@ -52,25 +52,29 @@ class Router:
         self._alive[queue] = (now, alive)
         return alive
 
-    def pick(self, task: str) -> str:
-        """The queue to use: Busy when every live queue is full, ModelUnavailable when no
-        worker serves the task at all."""
-        tcfg = self.config.tasks[task]
-        full = False
-        for device in tcfg.devices:
-            name = queue_name(task, device)
-            if not self.alive(name):
-                continue
-            if self.conn.llen(f"rq:queue:{name}") < tcfg.queue_limit:
+    def live_queues(self, task: str) -> list[str]:
+        """The task's queues, in device order, that some live worker listens to."""
+        return [name for name in (queue_name(task, d) for d in self.config.tasks[task].devices)
+                if self.alive(name)]
+
+    def choose(self, task: str, lengths: Mapping[str, int]) -> str:
+        """The first live queue with room. Busy when every live queue is full,
+        ModelUnavailable when no worker serves the task at all (`lengths` is empty)."""
+        limit = self.config.tasks[task].queue_limit
+        for name, length in lengths.items():
+            if length < limit:
                 return name
-            full = True
-        if full:
+        if lengths:
             raise Busy(f"every {task} queue is full; try again later")
         raise ModelUnavailable(f"no worker serves {task} on this gateway now")
 
 
 class Enqueuer:
-    """Stores a job's inputs as one Redis blob and enqueues its RQ job, once per request id."""
+    """Stores a job's inputs as one Redis blob and enqueues its RQ job, once per request id.
+
+    Two round trips per new job: the duplicate check and the queue lengths together, then the
+    blob (with RQ's queue registration) and RQ's atomic unique enqueue.
+    """
 
     def __init__(self, conn: redis.Redis, config: Config, router: Router) -> None:
         self.conn, self.config, self.router = conn, config, router
@@ -93,20 +97,31 @@ class Enqueuer:
         job = Job(key=key, route=sub.route, params=dict(sub.params),
                   blob_key=C.BLOB_KEY.format(job_key=key), received=received,
                   deadline=deadline, batch=sub.batch)
-        if self.conn.exists(f"rq:job:{key}"):
+        live = self.router.live_queues(task)
+        pipe = self.conn.pipeline(transaction=False)
+        pipe.exists(f"rq:job:{key}")
+        for name in live:
+            pipe.llen(self._queue(name).key)
+        exists, *lengths = pipe.execute()
+        if exists:
             return Enqueued(job, "", duplicate=True)
-        name = self.router.pick(task)
-        self._store_blob(job.blob_key, sub, key, received)
+        queue = self._queue(self.router.choose(task, dict(zip(live, lengths))))
+        self._store_blob(job.blob_key, sub, key, received, queue)
         try:
-            self._queue(name).enqueue_call(
+            # RQ registers the queue on the pipeline it is given, then enqueues atomically with
+            # its own Lua script (a given pipeline is not used for that): the registration went
+            # out with the blob, so this pipeline is left unsent.
+            queue.enqueue_call(
                 C.JOB_FUNCTION, args=(job.to_json(),), job_id=key, timeout=tcfg.timeout,
                 result_ttl=self.config.dedup_ttl, failure_ttl=self.config.dedup_ttl,
-                unique=True, description=f"{task} {sub.route.device_id}/{sub.route.request_id}")
+                unique=True, description=f"{task} {sub.route.device_id}/{sub.route.request_id}",
+                pipeline=self.conn.pipeline())
         except DuplicateJobError:
-            return Enqueued(job, name, duplicate=True)
-        return Enqueued(job, name, duplicate=False)
+            return Enqueued(job, queue.name, duplicate=True)
+        return Enqueued(job, queue.name, duplicate=False)
 
-    def _store_blob(self, key: str, sub: Submission, job_id: str, received: float) -> None:
+    def _store_blob(self, key: str, sub: Submission, job_id: str, received: float,
+                    queue: Queue) -> None:
         fields: dict[str, bytes | str] = {"n": str(len(sub.media))}
         if sub.text is not None:
             fields["text"] = json.dumps(sub.text)
@@ -121,6 +136,7 @@ class Enqueuer:
         pipe.expire(key, self.config.blob_ttl)
         # Indexed before RQ sees it: the reaper finds it even if a worker loses it (see reaper)
         pipe.zadd(UNANSWERED_KEY, {job_id: received}, nx=True)
+        pipe.sadd(queue.redis_queues_keys, queue.key)  # what RQ's enqueue would send alone
         pipe.execute()
 
 

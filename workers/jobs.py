@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import redis
@@ -39,6 +39,13 @@ class Runtime:
     worker: str
     device: str
     models: ModelSet
+    # blob key -> the blob as the worker read it while starting the job (see EdgeWorker)
+    prefetched: dict[str, Mapping[bytes, bytes]] = field(default_factory=dict)
+
+    def take_blob(self, conn: redis.Redis, key: str) -> Mapping[bytes, bytes] | None:
+        """A job's inputs: the copy read while the job started, else from Redis."""
+        blob = self.prefetched.pop(key, None)
+        return blob if blob else read_blob(conn, key)
 
 
 _runtime: Runtime | None = None
@@ -105,7 +112,7 @@ def execute(job: Job, conn: redis.Redis, rt: Runtime | None, progress) -> Answer
         broken = rt.models.broken_reason(job.task, job.params.get("model"))
         if broken is not None:  # else the handler would call the model "unknown"
             raise ModelUnavailable(broken)
-        blob = read_blob(conn, job.blob_key)
+        blob = rt.take_blob(conn, job.blob_key)
         if blob is None:
             raise Timeout("the job's payload expired before it could run")
         response = handler(to_request(job, blob), progress)

@@ -19,7 +19,10 @@ from pathlib import Path
 import redis
 import structlog
 from rq import SimpleWorker
+from rq.executions import Execution
 from rq.serializers import JSONSerializer
+from rq.utils import now
+from rq.worker import WorkerStatus
 
 from edge import constants as C
 from edge import metrics, sdnotify
@@ -31,6 +34,8 @@ from workers.model_store import ModelSet, load_models
 
 log = structlog.get_logger("workers.worker")
 
+HEARTBEAT_DEBOUNCE = 1.0  # s: RQ heartbeats closer together than this are not sent
+
 
 class EdgeWorker(SimpleWorker):
     """A SimpleWorker that tells the agent, every few seconds, which queues it serves."""
@@ -39,6 +44,8 @@ class EdgeWorker(SimpleWorker):
         super().__init__(queues, serializer=JSONSerializer, worker_ttl=35, **kwargs)
         self.runtime = runtime
         self._beating = threading.Event()
+        self._starting: redis.client.Pipeline | None = None
+        self._last_beat = 0.0
         # Watchdog: the loop beats at least every dequeue_timeout; allow Redis back-off too.
         self.progress = sdnotify.Progress(stall_after=self.dequeue_timeout + 100)
         jobs.install(runtime)
@@ -47,12 +54,45 @@ class EdgeWorker(SimpleWorker):
         self.progress.beat()  # before Redis: a Redis outage is not a hung worker
         if pipeline is not None:
             return super().heartbeat(timeout, pipeline)
-        # RQ's heartbeat is three separate round trips, a few times per job: the same commands
-        # in one pipeline keep its meaning and cut the worker's per-job Redis round trips.
+        if timeout is None and time.monotonic() - self._last_beat < HEARTBEAT_DEBOUNCE:
+            # RQ beats up to three times between two jobs; each beat pushes the key's expiry
+            # out by worker_ttl + 60 s, so one a second keeps the worker just as alive.
+            return None
+        self._last_beat = time.monotonic()
+        # RQ's heartbeat is three separate round trips: the same commands in one pipeline.
         pipe = self.connection.pipeline(transaction=False)
         super().heartbeat(timeout, pipe)
         pipe.execute()
         return None
+
+    # Starting a job: RQ sends its execution record and the job's bookkeeping in two
+    # transactions, and the job then reads its inputs; here the same commands go in one
+    # transaction with the read of the inputs. Mirrors rq 3.0's prepare_execution and
+    # prepare_job_execution (the version is pinned in pyproject.toml).
+
+    def prepare_execution(self, job):
+        pipe = self._starting = self.connection.pipeline()
+        execution = Execution.create(job, self.get_heartbeat_ttl(job), pipeline=pipe,
+                                     worker_name=self.name)
+        self.executions[execution.id] = execution
+        self.set_state(WorkerStatus.BUSY, pipeline=pipe)
+        return execution
+
+    def prepare_job_execution(self, job, remove_from_intermediate_queue=False):
+        pipe, self._starting = self._starting or self.connection.pipeline(), None
+        ttl = self.get_heartbeat_ttl(job)
+        self.heartbeat(ttl, pipeline=pipe)
+        job.heartbeat(now(), ttl, pipeline=pipe)
+        job.prepare_for_execution(self.name, pipeline=pipe)
+        pipe.persist(job.key)
+        if remove_from_intermediate_queue:
+            queue = self.queue_class(job.origin, connection=self.connection)
+            pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+        blob_key = C.BLOB_KEY.format(job_key=job.id)
+        pipe.hgetall(blob_key)
+        self.runtime.prefetched = {blob_key: pipe.execute()[-1]}
+        self._last_beat = time.monotonic()
+        self.procline(f"Processing {job.func_name} from {job.origin} since {time.time()}")
 
     def execute_job(self, job, queue):
         self.progress.begin(job.timeout)
