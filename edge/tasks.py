@@ -155,6 +155,7 @@ TASKS: dict[str, TaskSpec] = {
                 "mode": Param(str, "fast", choices=("fast", "quality")),
                 "format": Param(str, "png", choices=("png", "jpeg", "webp")),
                 "quality": Param(int, 90, low=1, high=100),
+                "compression": Param(int, 1, low=0, high=9),
                 "steps": Param(int, 20, low=1, high=200),
                 "seed": Param(int, 0, low=0, high=2**63 - 1),
             },

@@ -100,6 +100,14 @@ def test_jpeg_and_webp_answers(handler, fmt, content_type):
     assert decode(response.media[0].data).shape == (64, 80, 3)
 
 
+def test_png_compression_changes_bytes_not_pixels(handler):
+    image = png(photo(40, 60))
+    stored = handler(request(image, compression=0), no_progress).media[0].data
+    packed = handler(request(image, compression=6), no_progress).media[0].data
+    assert len(stored) > len(packed)
+    assert np.array_equal(decode(stored), decode(packed))
+
+
 def test_unknown_model_is_model_unavailable(handler):
     with pytest.raises(ModelUnavailable, match="nope"):
         handler(request(png(photo(8, 8)), model="nope"), no_progress)

@@ -4,8 +4,8 @@
     response = handler(request, progress)
 
 Params (validated by `edge.tasks`): `mode` fast|quality, `model` (a bundle name; default: the
-first bundle of that mode), `format` png|jpeg|webp, `quality` (jpeg/webp), and for quality
-mode `steps` and `seed`. Every image of a request is answered, in request order.
+first bundle of that mode), `format` png|jpeg|webp, `quality` (jpeg/webp), `compression` (png
+zlib level: 0 is fastest, 1 the default), and for quality mode `steps` and `seed`. Every image of a request is answered, in request order.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ class SuperResHandler:
             alpha = imageio.upscale_array(d.alpha) if d.alpha is not None else None
             item = imageio.encode(out, alpha=alpha, grey=d.grey,
                                   fmt=params.get("format", "png"),
-                                  quality=int(params.get("quality", 90)))
+                                  quality=int(params.get("quality", 90)),
+                                  compression=int(params.get("compression", 1)))
             media.append(item)
             described.append(_describe(out, item, d))
         return Response(result={"model": name, "images": described}, media=tuple(media))

@@ -1,4 +1,4 @@
-"""Fast 4x super-resolution: the two-input residual CNN, tiled, on a bounded set of shapes.
+"""Fast 4x super-resolution: the residual CNN on its in-graph bicubic, tiled, bounded shapes.
 
     pipeline = FastPipeline.load(bundle, core, device)
     [big] = pipeline([rgb_uint8_hw3])
@@ -21,9 +21,10 @@ import numpy as np
 import openvino as ov
 
 from workers.api import BundleLike, DeviceSettings, read_ir
-from workers.superres.imageio import SCALE, as_vips, bicubic_x4
+from workers.superres.imageio import SCALE
 
-# Receptive radius of the network in low-res pixels is 5 (5x5 conv + three 3x3): 8 is safe.
+# Receptive radius in low-res pixels: 5 for the body (5x5 conv + three 3x3), 2 for the
+# in-graph bicubic base: 8 is safe.
 MARGIN = 8
 TILE = 512
 MAX_SHAPES = 8
@@ -110,7 +111,6 @@ class FastPipeline:
         pending = [0] * len(images)
         for t in tiles:
             pending[t.image] += 1
-        bases = [bicubic_x4(as_vips(img)) for img in images]  # lazy: evaluated per tile
         busy: dict[int, tuple[ov.InferRequest, _Tile]] = {}  # id(request) -> its tile
 
         def collect(request: ov.InferRequest) -> None:
@@ -128,9 +128,7 @@ class FastPipeline:
             if id(request) in busy:
                 collect(request)
             lr = images[t.image][t.y.start:t.y.start + t.y.size, t.x.start:t.x.start + t.x.size]
-            base = bases[t.image].crop(t.x.start * SCALE, t.y.start * SCALE,
-                                       t.x.size * SCALE, t.y.size * SCALE).numpy()
-            request.start_async({0: np.ascontiguousarray(lr)[None], 1: base[None]})
+            request.start_async({0: np.ascontiguousarray(lr)[None]})
             busy[id(request)] = (request, t)
         for request, _ in list(busy.values()):
             collect(request)
@@ -149,7 +147,7 @@ class FastPipeline:
             return self._compiled[shape]
         h, w = shape
         model = self._model.clone()
-        model.reshape({0: [1, h, w, 3], 1: [1, h * SCALE, w * SCALE, 3]})
+        model.reshape({0: [1, h, w, 3]})
         compiled = self._core.compile_model(model, self._device.name,
                                             dict(self._device.properties))
         n = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
@@ -163,7 +161,7 @@ def _small_pad(shape: tuple[int, ...]) -> tuple[tuple[int, int], ...] | None:
     """Edge padding for an image thinner than the receptive field, else None.
 
     On such an image the network sees mostly zero padding (a 1x1 grey square rang by 14
-    levels); replicated edges are what the aligned bicubic (`extend="copy"`) assumes anyway.
+    levels); replicated edges are what the in-graph bicubic assumes anyway.
     """
     if min(shape) >= 2 * MARGIN:
         return None

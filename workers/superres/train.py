@@ -1,8 +1,11 @@
 """Train the fast 4x residual CNN on images that ship offline (build host only: torch).
 
-The network takes the OMZ `single-image-super-resolution-1032` pair (low-res image, its 4x
-bicubic upscale) and learns the residual. The bicubic it sees in training is produced by
-`imageio.bicubic_x4`, the very function the runtime calls, so train and deploy agree exactly.
+The network is the OMZ `single-image-super-resolution-1032` design (a residual learnt on top of
+the 4x bicubic upscale of its input), but the upscale is part of the graph: `BicubicX4` is a
+fixed Catmull-Rom convolution whose 16 output phases are added before the pixel shuffle, so the
+same function serves training and deployment and no 1080p base image crosses the API. It
+computes what `imageio.bicubic_x4` (pyvips, pixel centres aligned, edges copied) computes, to
+within pyvips' rounding to 8 bits (checked by tests/superres).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 import pyvips
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from workers.superres.imageio import SCALE, bicubic_x4
 
@@ -45,8 +49,44 @@ class TrainConfig:
     transpose: bool = True  # with the flips: all 8 rotations/mirrors (+0.06 dB held out)
 
 
+def cubic_taps(scale: int = SCALE, a: float = -0.5) -> np.ndarray:
+    """Catmull-Rom weights of each output phase over the input offsets -2..2, (scale, 5).
+
+    Output pixel `scale * k + p` samples input position `k + (p + 0.5) / scale - 0.5` (pixel
+    centres aligned); each phase uses four of the five taps.
+    """
+
+    def kernel(x: np.ndarray) -> np.ndarray:
+        x = np.abs(x)
+        near = ((a + 2) * x - (a + 3)) * x * x + 1
+        far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+        return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+    offsets = (np.arange(scale) + 0.5) / scale - 0.5
+    return kernel(np.arange(-2, 3)[None, :] - offsets[:, None])
+
+
+class BicubicX4(nn.Module):
+    """The 4x bicubic upscale as `scale**2` phases per channel: (N, 3, H, W) -> (N, 48, H, W).
+
+    Channel `c * 16 + 4 * py + px` holds output pixels (4y + py, 4x + px) of colour c, the order
+    `PixelShuffle(4)` expects. Edges are replicated, as pyvips' `extend="copy"` does.
+    """
+
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+        taps = cubic_taps()
+        phases = np.einsum("py,qx->pqyx", taps, taps).reshape(SCALE * SCALE, 1, 5, 5)
+        self.channels = channels
+        self.register_buffer("weight", torch.from_numpy(np.tile(phases, (channels, 1, 1, 1))).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), self.weight,
+                        groups=self.channels)
+
+
 class ResidualESPCN(nn.Module):
-    """~35k-parameter ESPCN: features at low res, pixel shuffle, added to the bicubic base."""
+    """~35k-parameter ESPCN: features at low res, added to the bicubic phases, pixel shuffle."""
 
     def __init__(self, width: int = 32) -> None:
         super().__init__()
@@ -55,15 +95,16 @@ class ResidualESPCN(nn.Module):
             nn.Conv2d(width, width, 3, padding=1), nn.PReLU(width),
             nn.Conv2d(width, width, 3, padding=1), nn.PReLU(width),
             nn.Conv2d(width, 3 * SCALE * SCALE, 3, padding=1),
-            nn.PixelShuffle(SCALE),
         )
-        last = self.body[-2]
+        self.bicubic = BicubicX4()
+        self.shuffle = nn.PixelShuffle(SCALE)
+        last = self.body[-1]
         nn.init.normal_(last.weight, std=1e-3)  # start as plain bicubic
         nn.init.zeros_(last.bias)
 
-    def forward(self, lr: torch.Tensor, bicubic: torch.Tensor) -> torch.Tensor:
-        """Inputs and output in [0, 1], NCHW."""
-        return bicubic + self.body(lr - 0.5)
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        """Low-res input, 4x output, both in [0, 1], NCHW."""
+        return self.shuffle(self.body(lr - 0.5) + self.bicubic(lr))
 
 
 class Deployed(nn.Module):
@@ -73,9 +114,8 @@ class Deployed(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, lr: torch.Tensor, bicubic: torch.Tensor) -> torch.Tensor:
-        out = self.net(lr, bicubic)
-        return torch.round(torch.clamp(out, 0.0, 1.0) * 255.0)
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        return torch.round(torch.clamp(self.net(lr), 0.0, 1.0) * 255.0)
 
 
 def sample_dir() -> Path:
@@ -108,21 +148,21 @@ def degrade(hr: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True, slots=True)
 class Example:
-    """One training or evaluation image as the three arrays the network sees."""
+    """One training or evaluation image: HR truth, its LR input and pyvips' bicubic of the LR."""
 
     name: str
     hr: np.ndarray
     lr: np.ndarray
-    bicubic: np.ndarray
+    bicubic: np.ndarray  # the baseline the PSNR gain is measured against
 
 
 def make_example(path: Path) -> Example:
-    """HR image, its degraded LR and the deployed bicubic upscale of that LR."""
+    """HR image, its degraded LR and the plain bicubic upscale of that LR."""
     return example_of(path.name, load_rgb(path))
 
 
 def example_of(name: str, hr: np.ndarray) -> Example:
-    """The training triple of an HR array (degraded and upscaled by the deployed functions)."""
+    """The example of an HR array (degraded, and upscaled by pyvips for the baseline)."""
     hr = np.ascontiguousarray(hr)
     lr = degrade(hr)
     bic = bicubic_x4(pyvips.Image.new_from_array(lr)).numpy()
@@ -130,10 +170,8 @@ def example_of(name: str, hr: np.ndarray) -> Example:
 
 
 def with_transposes(examples: list[Example]) -> list[Example]:
-    """Each example plus its transpose, rebuilt through the upscaler.
+    """Each example plus its transpose, degraded anew (pyvips' two passes round differently).
 
-    Flips commute exactly with `bicubic_x4`, a transpose does not (pyvips rounds its two
-    passes differently: up to 2 levels), so transposed views get their own exact bicubic.
     With random flips on top this gives all eight 90-degree rotations and mirrors.
     """
     return [v for ex in examples
@@ -149,28 +187,33 @@ def psnr_y(a: np.ndarray, b: np.ndarray, shave: int = SCALE) -> float:
     return 10 * np.log10(255.0**2 / max(mse, 1e-12))
 
 
+# LR pixels of context around each training patch: the in-graph bicubic reaches 2 pixels out,
+# so the loss is taken where the base is what the whole image would give.
+CONTEXT = 2
+
+
 def _batch(examples: list[Example], rng: np.random.Generator, cfg: TrainConfig):
-    lrs, bics, hrs = [], [], []
-    p, s = cfg.patch, cfg.patch * SCALE
+    """LR patches with `CONTEXT` pixels around them, and the HR patches of their centres."""
+    lrs, hrs = [], []
+    p, c, s = cfg.patch, CONTEXT, cfg.patch * SCALE
     for _ in range(cfg.batch):
         ex = examples[rng.integers(len(examples))]
-        y = rng.integers(ex.lr.shape[0] - p + 1)
-        x = rng.integers(ex.lr.shape[1] - p + 1)
-        crops = [ex.lr[y:y + p, x:x + p], ex.bicubic[y * 4:y * 4 + s, x * 4:x * 4 + s],
-                 ex.hr[y * 4:y * 4 + s, x * 4:x * 4 + s]]
-        # flips keep the bicubic/HR relation exact (transposes come from `with_transposes`)
+        y = c + rng.integers(ex.lr.shape[0] - p - 2 * c + 1)
+        x = c + rng.integers(ex.lr.shape[1] - p - 2 * c + 1)
+        crops = [ex.lr[y - c:y + p + c, x - c:x + p + c],
+                 ex.hr[y * SCALE:y * SCALE + s, x * SCALE:x * SCALE + s]]
         if rng.random() < 0.5:
-            crops = [c[:, ::-1] for c in crops]
+            crops = [a[:, ::-1] for a in crops]
         if rng.random() < 0.5:
-            crops = [c[::-1] for c in crops]
-        for out, c in zip((lrs, bics, hrs), crops):
-            out.append(c)
+            crops = [a[::-1] for a in crops]
+        lrs.append(crops[0])
+        hrs.append(crops[1])
 
     def tensor(arrays):
         stacked = np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2))
         return torch.from_numpy(stacked).float() / 255.0
 
-    return tensor(lrs), tensor(bics), tensor(hrs)
+    return tensor(lrs), tensor(hrs)
 
 
 def train(examples: list[Example], cfg: TrainConfig = TrainConfig(), log=print) -> ResidualESPCN:
@@ -185,9 +228,10 @@ def train(examples: list[Example], cfg: TrainConfig = TrainConfig(), log=print) 
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps)
     start = time.perf_counter()
     for step in range(cfg.steps):
-        lr, bic, hr = _batch(examples, rng, cfg)
+        lr, hr = _batch(examples, rng, cfg)
+        edge = CONTEXT * SCALE
         # L1: a Charbonnier loss measured 0.02 dB worse on the held-out images
-        loss = nn.functional.l1_loss(net(lr, bic), hr)
+        loss = nn.functional.l1_loss(net(lr)[..., edge:-edge, edge:-edge], hr)
         opt.zero_grad()
         loss.backward()
         opt.step()
