@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from workers.asr import ct2
+from workers.prepared import building
 
 MODEL_NAME = "whisper-tiny.en"
 VERSION = "1"
@@ -142,16 +143,9 @@ def generation_config(ids: Mapping[str, int], suppress: list[int], begin_suppres
 def convert_hf(hf_dir: Path, folder: Path, *, name: str, weight_format: str = "fp16") -> Path:
     """Export an HF Whisper checkpoint to IR and write the prepared folder atomically."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
-    try:
+    with building(folder) as tmp:
         _export(hf_dir, tmp, weight_format)
         _write_card(hf_dir, tmp, name=name, weight_format=weight_format)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

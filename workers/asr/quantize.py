@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from workers.prepared import building
+
 # calibration speech: other sentences than the test clips, several voices and speeds
 CALIBRATION = (
     "The quarterly report shows that sales grew by twelve percent in the eastern region.",
@@ -61,8 +63,7 @@ def quantize_folder(src: Path, out: Path, *, name: str) -> Path:
     files = card["settings"]["files"]
     advanced = AdvancedQuantizationParameters(
         smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=0.5))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out.parent))
-    try:
+    with building(out) as tmp:
         encoder = nncf.quantize(core.read_model(src / files["encoder"]),
                                 nncf.Dataset(encoder_inputs), subset_size=len(encoder_inputs),
                                 model_type=nncf.ModelType.TRANSFORMER,
@@ -83,11 +84,6 @@ def quantize_folder(src: Path, out: Path, *, name: str) -> Path:
         card["settings"]["weight_format"] = "int8-ptq"
         card["settings"]["calibration"] = {"encoder_windows": len(encoder_inputs)}
         (tmp / "bundle.json").write_text(json.dumps(card, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Mapping
+
+from workers.prepared import building
 
 FAST = "sr-fast-x4"
 QUALITY = "sr-ldm-x4-tiny"
@@ -44,18 +45,9 @@ def _build(final: Path, force: bool, builder: Callable[[Path], dict]) -> Path:
     """
     if not force and _version(final) == VERSION:
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with building(final) as tmp:
         manifest = builder(tmp)
         (tmp / "bundle.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

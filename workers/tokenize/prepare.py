@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import shutil
-import tempfile
-from dataclasses import dataclass
 import importlib.util
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from workers.prepared import building
 
 VERSION = "3"
 
@@ -164,14 +164,8 @@ def _prepare_one(source: Source, cache_dir: Path, force: bool) -> Path:
     final = cache_dir / folder_name(source.name)
     if not force and _is_complete(final):
         return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache_dir))
-    try:
+    with building(final) as tmp:
         _convert(source, tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)  # atomic: a half-written folder is never seen as prepared
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
