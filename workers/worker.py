@@ -65,6 +65,13 @@ class EdgeWorker(SimpleWorker):
         pipe.execute()
         return None
 
+    def set_state(self, state, pipeline=None):
+        # RQ sets IDLE twice between two jobs (after one, before waiting for the next): the
+        # state is already written, so the second write is skipped.
+        if pipeline is None and state == self._state and state == WorkerStatus.IDLE:
+            return None
+        return super().set_state(state, pipeline)
+
     # Starting a job: RQ sends its execution record and the job's bookkeeping in two
     # transactions, and the job then reads its inputs; here the same commands go in one
     # transaction with the read of the inputs. Mirrors rq 3.0's prepare_execution and
