@@ -20,7 +20,7 @@ from paho.mqtt.properties import Properties as PahoProperties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge import constants as C
-from edge.mqtt import no_delay
+from edge.mqtt import no_delay, packet_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +218,7 @@ class DeviceClient:
         """
         limit = self._max_packet_size
         if limit and self.protocol == paho.MQTTv5:
-            size = publish_packet_size(topic, payload, qos, props)
+            size = packet_size(topic, payload, qos, props)
             if size > limit:
                 raise PublishRefused(
                     f"job {request_id!r} is {size} bytes as an MQTT packet; the broker takes "
@@ -273,15 +273,6 @@ class DeviceClient:
                            if isinstance(data, (list, tuple)) else base64.b64encode(data).decode())
         self.publish_envelope(task, env)
         return self.wait(rid, timeout)
-
-
-def publish_packet_size(topic: str, payload: bytes, qos: int,
-                        props: PahoProperties | None) -> int:
-    """Bytes of an MQTT 5 PUBLISH packet, as a broker's Maximum Packet Size counts them."""
-    remaining = 2 + len(topic.encode()) + (2 if qos else 0) + len(payload)
-    remaining += len(props.pack()) if props is not None else 1  # 1: an empty property length
-    length_bytes = 1 + (remaining >= 1 << 7) + (remaining >= 1 << 14) + (remaining >= 1 << 21)
-    return 1 + length_bytes + remaining
 
 
 def _refused_error(request_id: str, reason: ReasonCode) -> PublishRefused:

@@ -40,6 +40,15 @@ ALIVE_WINDOW = 30.0  # s: a worker whose last heartbeat is older is not routed t
 HEARTBEAT_INTERVAL = 5.0  # s
 STATUS_INTERVAL = 10.0  # s
 PUBACK_TIMEOUT = 10.0  # s
-# One answer's media, at most: an MQTT message is capped at 256 MB by the protocol (and often
-# lower by the broker); base64 in envelope answers adds a third. Bigger answers are refused.
+# An answer not delivered yet (no PUBACK in time, or refused for a reason that may pass, such
+# as quota exceeded) is sent again after a back-off that doubles from the first figure to the
+# last; the last stays under the 30 s after which another agent claims an idle entry.
+OUTBOX_RETRY_BACKOFF = (0.5, 15.0)  # s
+# One answer's media, at most (workers refuse more with `payload_too_large`). Base64 in an
+# envelope answer adds a third: 85.4 MiB, which configs/mosquitto.conf's max_packet_size (96 MiB)
+# carries with room for the JSON around it. The relay checks every answer against the limit
+# the broker announces and answers `payload_too_large` instead of sending one past it.
 MAX_ANSWER_BYTES = 64 << 20
+# The largest PUBLISH packet MQTT allows (a remaining length of 268435455 plus its header), for
+# a broker that announces no Maximum Packet Size.
+MQTT_MAX_PACKET_BYTES = 268_435_455 + 5

@@ -54,6 +54,11 @@ QUEUE_DEPTH = Gauge("edge_queue_depth", "Jobs waiting in a task/device queue",
                     ("task", "device"), registry=REGISTRY)
 QUEUE_WORKERS = Gauge("edge_queue_workers", "Live workers listening to a task/device queue",
                       ("task", "device"), registry=REGISTRY)
+ANSWERS_REFUSED = Counter(
+    "edge_answers_refused",
+    "Answers the broker refused (PUBACK reason code, e.g. 0x87; `local`: the MQTT client did) or "
+    "that were past its packet limit (0x95), by what the relay did: retry, replaced (by an "
+    "error answer), dropped", ("task", "reason", "action"), registry=REGISTRY)
 OUTBOX_LENGTH = Gauge("edge_outbox_length", "Answers in the outbox stream not yet relayed",
                       registry=REGISTRY)
 OUTBOX_OLDEST = Gauge("edge_outbox_oldest_pending_seconds",

@@ -1,6 +1,8 @@
 """A small paho-mqtt wrapper: connect (MQTT 5, persistent session), subscribe, publish-and-wait.
 
-Protocol rules live in `edge.protocol`; this module only moves bytes. Every callback is wrapped
+Protocol rules live in `edge.protocol`; this module only moves bytes, and says what the broker
+made of them: a PUBACK with a failure reason code is a refusal, not a delivery (paho reports it
+only to `on_publish` and marks the message published all the same). Every callback is wrapped
 so that an exception is logged instead of silently killing paho's network loop.
 """
 
@@ -10,6 +12,7 @@ import functools
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import paho.mqtt.client as paho
@@ -17,7 +20,9 @@ import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
+from paho.mqtt.reasoncodes import ReasonCode
 
+from edge import constants as C
 from edge.config import MqttConfig
 from edge.protocol import Outgoing, Properties, user_properties
 
@@ -25,6 +30,44 @@ log = structlog.get_logger("edge.mqtt")
 
 # handler(topic, payload, properties) -> True to acknowledge the message now
 MessageHandler = Callable[[str, bytes, Properties], bool]
+
+# The failure reason codes MQTT 5 allows in a PUBACK (spec 3.4.2.1), and PACKET_TOO_LARGE, which
+# it does not (paho takes a PUBACK carrying it for a malformed packet and drops the connection):
+# we use it for a message we do not send because the broker's Maximum Packet Size forbids it.
+UNSPECIFIED_ERROR = 0x80
+IMPLEMENTATION_SPECIFIC_ERROR = 0x83
+NOT_AUTHORIZED = 0x87
+TOPIC_NAME_INVALID = 0x90
+PACKET_ID_IN_USE = 0x91
+PACKET_TOO_LARGE = 0x95
+QUOTA_EXCEEDED = 0x97
+PAYLOAD_FORMAT_INVALID = 0x99
+
+# Worth sending again later: a full quota and a packet id mix-up pass; the two catch-all codes
+# say nothing of the message itself, so it is kept rather than lost on a guess. The others
+# (0x87, 0x90, 0x99, too large) refuse these very bytes on this topic: the same message never
+# gets through.
+RETRYABLE = frozenset({UNSPECIFIED_ERROR, IMPLEMENTATION_SPECIFIC_ERROR, PACKET_ID_IN_USE,
+                       QUOTA_EXCEEDED})
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A message the broker refused (a failure PUBACK) or would refuse (too large), or paho
+    refused outright (`reason` None)."""
+
+    reason: int | None  # MQTT 5 reason code
+    detail: str  # what was refused and why, fit for a log line and a client's error message
+
+    @property
+    def retryable(self) -> bool:
+        """True when the same message may get through later (see RETRYABLE)."""
+        return self.reason in RETRYABLE
+
+
+# Per message, what `publish_many` made of it: True delivered (PUBACK success), False not yet
+# (no PUBACK in time: paho still holds it), or a refusal.
+Outcome = bool | Refused
 
 
 def _guarded(fn):
@@ -70,6 +113,19 @@ def to_paho(props: Properties) -> PahoProperties | None:
     return out
 
 
+def publish_packet_size(msg: Outgoing) -> int:
+    """Bytes of the MQTT 5 PUBLISH packet for `msg` (see `packet_size`)."""
+    return packet_size(msg.topic, msg.payload, msg.qos, to_paho(msg.properties))
+
+
+def packet_size(topic: str, payload: bytes, qos: int, props: PahoProperties | None) -> int:
+    """Bytes of an MQTT 5 PUBLISH packet, as a broker's Maximum Packet Size counts them."""
+    remaining = 2 + len(topic.encode()) + (2 if qos else 0) + len(payload)
+    remaining += len(props.pack()) if props is not None else 1  # 1: an empty property length
+    length_bytes = 1 + (remaining >= 1 << 7) + (remaining >= 1 << 14) + (remaining >= 1 << 21)
+    return 1 + length_bytes + remaining
+
+
 def from_paho(props: PahoProperties | None) -> Properties:
     """Our properties from a received message's (MQTT 3.1.1 messages have none)."""
     if props is None:
@@ -94,6 +150,14 @@ class MqttClient:
         self.handler = on_message
         self.on_connected = on_connected
         self._connected = threading.Event()
+        self.max_packet_size: int | None = None  # the broker's, from its last CONNACK (MQTT 5)
+        self._lock = threading.Lock()
+        self._refused: dict[int, ReasonCode] = {}  # mid -> failure reason of its PUBACK
+        # QoS 1 messages paho holds (and resends on every reconnect) that no PUBACK settled yet:
+        # a retry waits for that copy instead of queueing another. (One published while the link
+        # was down is left out: paho's info for it never tells when it went; a second copy is
+        # harmless, devices dedupe.) Used by the relay's thread only.
+        self._in_flight: dict[Outgoing, paho.MQTTMessageInfo] = {}
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                         protocol=paho.MQTTv5, manual_ack=True)
         c.max_inflight_messages_set(100)
@@ -110,6 +174,7 @@ class MqttClient:
         c.on_connect = _guarded(self._on_connect)
         c.on_disconnect = _guarded(self._on_disconnect)
         c.on_message = _guarded(self._on_message)
+        c.on_publish = _guarded(self._on_publish)
         self.client = c
 
     # -- lifecycle
@@ -133,6 +198,11 @@ class MqttClient:
         self.client.disconnect()
         self.client.loop_stop()
         self._connected.clear()
+        self._in_flight.clear()
+
+    def packet_limit(self) -> int:
+        """The largest PUBLISH packet the broker takes: its Maximum Packet Size, else MQTT's."""
+        return self.max_packet_size or C.MQTT_MAX_PACKET_BYTES
 
     # -- publishing
 
@@ -140,32 +210,51 @@ class MqttClient:
         return self.client.publish(msg.topic, msg.payload, qos=msg.qos, retain=retain,
                                    properties=to_paho(msg.properties))
 
-    def publish_many(self, messages: list[Outgoing], timeout: float) -> list[bool | None]:
+    def publish_many(self, messages: list[Outgoing], timeout: float) -> list[Outcome]:
         """Publish all, then wait for each PUBACK (QoS 0 counts as done once sent).
 
-        Per message: True when acknowledged, False when not (yet: retry later), None when
-        paho refuses it outright (e.g. past MQTT's size limit: retrying cannot help).
+        A message past the broker's packet limit is refused here, never sent: the broker would
+        drop the connection and paho would send it again on every reconnect, forever. A message
+        paho still holds from an earlier call is waited for, not published again.
         """
-        infos: list[paho.MQTTMessageInfo | None] = []
+        limit = self.packet_limit()
+        sent: list[paho.MQTTMessageInfo | Refused] = []
         for m in messages:
-            try:
-                infos.append(self.publish(m))
-            except (ValueError, TypeError) as exc:
-                log.error("mqtt_publish_refused", topic=m.topic, bytes=len(m.payload),
-                          error=str(exc))
-                infos.append(None)
-        deadline = time.monotonic() + timeout
-        done: list[bool | None] = []
-        for info in infos:
-            if info is None:
-                done.append(None)
+            held = self._in_flight.get(m) if m.qos else None
+            if held is not None:
+                sent.append(held)
+                continue
+            size = publish_packet_size(m)
+            if size > limit:
+                sent.append(Refused(PACKET_TOO_LARGE, f"{size} bytes as an MQTT packet; the "
+                                                      f"broker accepts at most {limit}"))
                 continue
             try:
-                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
-                done.append(info.is_published())
-            except (RuntimeError, ValueError):
-                done.append(False)
-        return done
+                info = self.publish(m)
+            except (ValueError, TypeError) as exc:
+                sent.append(Refused(None, f"the MQTT client refused it: {exc}"))
+                continue
+            if m.qos and info.rc == paho.MQTT_ERR_SUCCESS:
+                self._in_flight[m] = info
+            sent.append(info)
+        deadline = time.monotonic() + timeout
+        return [s if isinstance(s, Refused) else self._outcome(m, s, deadline)
+                for m, s in zip(messages, sent)]
+
+    def _outcome(self, msg: Outgoing, info: paho.MQTTMessageInfo, deadline: float) -> Outcome:
+        try:
+            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            if not info.is_published():
+                return False
+        except (RuntimeError, ValueError):  # queued while disconnected: sent on reconnect
+            return False
+        self._in_flight.pop(msg, None)
+        with self._lock:
+            reason = self._refused.pop(info.mid, None)
+        if reason is None:
+            return True
+        return Refused(reason.value, f"the broker answered PUBACK 0x{reason.value:02x} "
+                                     f"({reason})")
 
     # -- callbacks (run on paho's network thread)
 
@@ -174,13 +263,24 @@ class MqttClient:
             log.warning("mqtt_connect_refused", reason=str(reason_code))
             return
         no_delay(client)
+        self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
         log.info("mqtt_connected", host=self.cfg.host, port=self.cfg.port,
-                 session_present=getattr(flags, "session_present", None))
+                 session_present=getattr(flags, "session_present", None),
+                 max_packet_size=self.max_packet_size)
         for topic in self.subscriptions:
             client.subscribe(topic, qos=1)
         self._connected.set()
         if self.on_connected:
             self.on_connected()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        # Runs before paho marks the message published, so `_outcome` finds the reason. A later
+        # PUBACK for the same (reused) mid overwrites or clears it.
+        with self._lock:
+            if reason_code.is_failure:
+                self._refused[mid] = reason_code
+            else:
+                self._refused.pop(mid, None)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
