@@ -11,20 +11,39 @@ they are added on every device (an IR naming an op no library defines cannot be 
 plugin runs them through the op's `evaluate`. The GPU entry adds OpenCL kernels for those ops and
 is applied only when the worker's device is a GPU.
 
-Plaintext never touches a file system: every file is decrypted into an anonymous memory file
-(`memfd_create`) and handed to OpenVINO as `/proc/self/fd/N`, which `dlopen` and file readers
-accept. The descriptors stay open for the life of the process (a loaded library's ops, and the
-GPU plugin's reading of its config at compile time, need them); a library shipped by several
-bundles, or loaded again on a reload, is written once.
+Plaintext never touches a disk, by two routes:
+
+* Libraries are decrypted into anonymous memory files (`memfd_create`) and handed to OpenVINO as
+  `/proc/self/fd/N`, which `dlopen` accepts. The descriptors stay open for the life of the
+  process (a loaded library's ops need them); a library shipped by several bundles, or loaded
+  again on a reload, is written once.
+* GPU kernels and their config cannot use a memfd: a memfd has no real path. The GPU plugin
+  `realpath()`s `CONFIG_FILE` (a memfd's resolves to `/memfd:name (deleted)`, which nothing can
+  open) and reads each kernel as `<config's directory>/<Source filename>`. So they get real
+  paths in a private directory on a RAM file system: a fresh 0700 directory, files 0600, made
+  once per process below `$RUNTIME_DIRECTORY` (systemd's `RuntimeDirectory=`, a tmpfs under /run
+  that systemd removes when the unit stops), else below /dev/shm. A directory that is not on
+  tmpfs or ramfs is refused. tmpfs is RAM, and the units set `MemorySwapMax=0`, so its pages
+  never reach a swap device either; the directory is private to the worker's (dynamic) user.
+  The config is written beside its kernels, its Source filenames rewritten to their names there.
+  The plugin reads the config and kernels again on every compile, so the files stay for the
+  life of the process (named by content: a reload with the same kernels writes nothing new) and
+  are removed when it exits (`atexit`; after a SIGKILL, systemd's removal of the
+  RuntimeDirectory does it).
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import re
+import shutil
+import tempfile
+import threading
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
 import structlog
@@ -32,6 +51,7 @@ import structlog
 log = structlog.get_logger("workers.extensions")
 
 _MEMFDS: dict[bytes, int] = {}  # sha256 of the plaintext -> its memfd, for the process life
+RAM_FILE_SYSTEMS = frozenset({"tmpfs", "ramfs"})
 
 
 class ExtensionError(Exception):
@@ -78,7 +98,7 @@ class Extensions:
     def __init__(self, core: Any, device: str) -> None:
         self.core, self.device = core, device
         self._libraries: set[bytes] = set()
-        self._gpu_config: tuple[str, str] | None = None  # (bundle, /proc/self/fd path)
+        self._gpu_config: tuple[str, str] | None = None  # (bundle, config path in the RAM dir)
 
     def apply(self, bundle: Any) -> None:
         """Add what `bundle` carries to the Core; ExtensionError says why it cannot be."""
@@ -109,14 +129,16 @@ class Extensions:
         kernels = {}
         for name in spec.gpu_files:
             data = bundle.read(name)
-            kernels[name] = memfd_path(name, data, hashlib.sha256(data).digest())
-            _wipe(data)
+            try:
+                kernels[name] = os.path.basename(kernel_file(name, data))
+            finally:
+                _wipe(data)
         xml = bundle.read(spec.gpu_config)
         try:
             text = gpu_config_text(bytes(xml), kernels, spec.gpu_config)
         finally:
             _wipe(xml)
-        path = memfd_path(spec.gpu_config, text, hashlib.sha256(text).digest())
+        path = kernel_file(spec.gpu_config, text)
         if self._gpu_config is not None:
             if self._gpu_config[1] == path:  # the same kernels again (a task's load retried)
                 return
@@ -133,7 +155,9 @@ class Extensions:
 
 
 def gpu_config_text(xml: bytes, kernels: Mapping[str, str], where: str = "config") -> bytes:
-    """The GPU custom-layer XML with each `<Source filename=...>` pointing at its kernel's path.
+    """The GPU custom-layer XML with each `<Source filename=...>` replaced by its kernel's entry
+    in `kernels` (the kernel's file name beside the config: the plugin reads
+    `<config's directory>/<filename>`).
 
     Every Source must name one of the bundle's kernel files, so a config never reads anything
     from the host's file system.
@@ -157,16 +181,119 @@ def memfd_path(name: str, data: bytes | bytearray, digest: bytes) -> str:
     fd = _MEMFDS.get(digest)
     if fd is None:
         fd = os.memfd_create(PurePosixPath(name).name, os.MFD_CLOEXEC)
-        with memoryview(data) as view:
-            done = 0
-            while done < len(view):
-                done += os.write(fd, view[done:])
+        _write_all(fd, data)
         _MEMFDS[digest] = fd
     return f"/proc/self/fd/{fd}"
 
 
+# -- the GPU kernels' private RAM directory, one per process --------------------------------
+
+_lock = threading.Lock()
+_kernel_dir: dict[str, Any] = {}  # "path", "pid", "files" (sha256 -> path); empty until used
+_removal_registered = False
+
+
+def kernel_file(name: str, data: bytes | bytearray) -> str:
+    """Real absolute path of a 0600 file holding `data` in this process's RAM directory, named
+    `<sha256 prefix>-<last part of name>` (written once per content)."""
+    digest = hashlib.sha256(data).digest()
+    with _lock:
+        state = _kernel_dir or _make_kernel_dir(os.environ)
+        path = state["files"].get(digest)
+        if path is None:
+            path = os.path.join(state["path"],
+                                f"{digest.hex()[:16]}-{PurePosixPath(name).name[:100]}")
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600)
+                try:
+                    os.fchmod(fd, 0o600)  # whatever the umask
+                    _write_all(fd, data)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                raise ExtensionError(f"cannot write GPU kernel file {name!r} to "
+                                     f"{state['path']}: {exc.strerror}") from exc
+            state["files"][digest] = path
+        return path
+
+
+def remove_kernel_dir() -> None:
+    """Remove the GPU kernel files and their directory (run at exit; only by the process that
+    made them, so a forked child's exit leaves its parent's)."""
+    with _lock:
+        state = dict(_kernel_dir)
+        _kernel_dir.clear()
+    if state and state["pid"] == os.getpid():
+        shutil.rmtree(state["path"], ignore_errors=True)
+        log.info("gpu_kernel_dir_removed", path=state["path"])
+
+
+def _make_kernel_dir(env: Mapping[str, str]) -> dict[str, Any]:
+    global _removal_registered
+    # systemd sets RUNTIME_DIRECTORY to every RuntimeDirectory= of the unit, colon-separated
+    base = (env.get("RUNTIME_DIRECTORY") or "").split(":")[0] or "/dev/shm"
+    require_ram_fs(base)  # before anything is made there
+    try:
+        path = os.path.realpath(tempfile.mkdtemp(prefix="gpu-kernels-", dir=base))
+        os.chmod(path, 0o700)  # mkdtemp's mode, whatever the umask
+    except OSError as exc:
+        raise ExtensionError(f"cannot make a GPU kernel directory in {base}: {exc}") from exc
+    if not _removal_registered:
+        atexit.register(remove_kernel_dir)
+        _removal_registered = True
+    _kernel_dir.update(path=path, pid=os.getpid(), files={})
+    log.info("gpu_kernel_dir", path=path)
+    return _kernel_dir
+
+
+def require_ram_fs(path: str | os.PathLike[str]) -> None:
+    """ExtensionError unless `path` is on tmpfs or ramfs (decrypted kernels never go to a disk)."""
+    try:
+        kind = fs_type(path)
+    except OSError as exc:  # /proc/self/mountinfo unreadable: cannot tell, so refuse
+        raise ExtensionError(f"cannot tell which file system {os.fspath(path)} is on: "
+                             f"{exc}") from exc
+    if kind not in RAM_FILE_SYSTEMS:
+        raise ExtensionError(f"refusing to write decrypted GPU kernels to {os.fspath(path)}: it "
+                             f"is on {kind or 'an unknown file system'}, not a RAM file system "
+                             f"(tmpfs or ramfs); set RuntimeDirectory= in the worker's unit")
+
+
+def fs_type(path: str | os.PathLike[str], mountinfo: str | None = None) -> str | None:
+    """File system type of the mount holding `path`'s realpath, from /proc/self/mountinfo (the
+    longest mount point containing it; of mounts stacked on one point, the last, i.e. top)."""
+    real = os.path.realpath(path)
+    if mountinfo is None:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+    best, kind = "", None
+    for line in mountinfo.splitlines():
+        # "36 35 98:0 /root /mnt/point rw,noatime shared:1 - ext4 /dev/sda1 rw": the optional
+        # fields vary in number, " - " ends them; spaces inside fields are escaped as \040
+        head, sep, tail = line.partition(" - ")
+        fields = head.split(" ")
+        if not sep or len(fields) < 5 or not tail:
+            continue
+        point = _unescape(fields[4])
+        inside = point == "/" or real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, tail.split(" ")[0]
+    return kind
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    with memoryview(data) as view:
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:])
+
+
 def _wipe(data: Any) -> None:
-    if isinstance(data, bytearray):  # the memfd holds the one copy OpenVINO needs
+    if isinstance(data, bytearray):  # the memfd or RAM file holds the one copy OpenVINO needs
         data[:] = bytes(len(data))
 
 

@@ -1,17 +1,28 @@
 """A bundle's GPU kernels: the CONFIG_FILE plumbing, checked against a Core that records calls
-(no GPU here). The config and kernels reach the plugin as memfd paths, never as files."""
+(no GPU here). The config and kernels reach the plugin as real paths in a private directory on
+a RAM file system (the plugin realpath()s the config and reads kernels beside it), never on a
+disk."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
 from tests.extensions.conftest import TASK, model_files
 from workers.api import DeviceSettings
-from workers.extensions import ExtensionError, gpu_config_text
+from workers.extensions import (ExtensionError, fs_type, gpu_config_text, remove_kernel_dir,
+                                require_ram_fs)
 from workers.model_store import load_models
+
+ROOT = Path(__file__).resolve().parents[2]
 
 KERNEL = b"__kernel void add_one(const __global float* x, __global float* y) {\n" \
          b"    const uint i = get_global_id(0); y[i] = x[i] + 1.0f; }\n"
@@ -47,6 +58,24 @@ def gpu_bundle(pack):
                                                                ext)
 
 
+@pytest.fixture(autouse=True)
+def fresh_kernel_dir(monkeypatch):
+    """Each test starts without a kernel directory and outside systemd (no RUNTIME_DIRECTORY),
+    and leaves nothing in /dev/shm."""
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+    remove_kernel_dir()
+    yield
+    remove_kernel_dir()
+
+
+@pytest.fixture
+def shm_dir():
+    """A throwaway directory on /dev/shm (tmpfs), standing in for systemd's RuntimeDirectory."""
+    path = tempfile.mkdtemp(prefix="edge-test-run-", dir="/dev/shm")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _load(root, ring, core, device):
     return load_models([TASK], root, ring, core, DeviceSettings(device))
 
@@ -56,27 +85,168 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-def test_gpu_worker_sets_config_file_pointing_at_memfd_kernels(gpu_bundle, ring, exttest_task):
+def _stat_fs_type(path) -> str:
+    """The file system type as coreutils' stat sees it: an oracle independent of fs_type."""
+    return subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def _kernel_as_the_plugin_opens_it(config_path: str, filename: str) -> str:
+    # custom_layer.cpp: realpath(CONFIG_FILE), then "<its directory>/" + <Source filename>
+    return os.path.dirname(os.path.realpath(config_path)) + "/" + filename
+
+
+def _config_file(core: RecordingCore) -> str:
+    [(device, props)] = core.properties
+    assert device.startswith("GPU") and set(props) == {"CONFIG_FILE"}
+    return props["CONFIG_FILE"]
+
+
+def test_gpu_worker_sets_config_file_to_a_real_path_in_a_private_ram_dir(gpu_bundle, ring,
+                                                                          exttest_task):
     exttest_task["compile"] = False
     core = RecordingCore()
 
     models = _load(gpu_bundle(), ring, core, "GPU")
 
     assert models.broken == {} and TASK in models.handlers
-    [(device, props)] = core.properties
-    assert device == "GPU" and set(props) == {"CONFIG_FILE"}
-    config_path = props["CONFIG_FILE"]
-    assert config_path.startswith("/proc/self/fd/")
-    assert os.readlink(config_path).startswith("/memfd:add_one.xml")
+    config_path = _config_file(core)
+    # a real path: what the plugin's realpath() gives back is the path itself
+    assert os.path.isabs(config_path) and os.path.realpath(config_path) == config_path
+    directory = os.path.dirname(config_path)
+    assert os.path.dirname(directory) == os.path.realpath("/dev/shm")  # no RUNTIME_DIRECTORY
+    assert _stat_fs_type(directory) == "tmpfs"
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+    assert os.stat(directory).st_uid == os.getuid()
+    assert stat.S_IMODE(os.stat(config_path).st_mode) == 0o600
     config = ET.fromstring(_read(config_path))
     [source] = config.iter("Source")
-    kernel_path = source.get("filename")
-    assert kernel_path.startswith("/proc/self/fd/")
-    assert os.readlink(kernel_path).startswith("/memfd:add_one.cl")
-    assert _read(kernel_path) == KERNEL
+    filename = source.get("filename")
+    assert "/" not in filename  # beside the config, whatever the bundle's folder was
+    kernel_path = _kernel_as_the_plugin_opens_it(config_path, filename)
+    assert os.path.isfile(kernel_path) and _read(kernel_path) == KERNEL
+    assert stat.S_IMODE(os.stat(kernel_path).st_mode) == 0o600
+    assert sorted(os.listdir(directory)) == sorted([os.path.basename(config_path), filename])
     # everything else in the config is as packed
     assert config.find("Kernel").get("entry") == "add_one"
     assert config.find("WorkSizes").get("global") == "X,Y,B*F"
+
+
+def test_kernels_go_below_runtime_directory_when_systemd_sets_it(gpu_bundle, ring, exttest_task,
+                                                                 monkeypatch, shm_dir):
+    exttest_task["compile"] = False
+    monkeypatch.setenv("RUNTIME_DIRECTORY", shm_dir)
+    core = RecordingCore()
+
+    models = _load(gpu_bundle(), ring, core, "GPU")
+
+    assert models.broken == {}
+    config_path = _config_file(core)
+    directory = os.path.dirname(config_path)
+    assert os.path.dirname(directory) == os.path.realpath(shm_dir)
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+    [source] = ET.fromstring(_read(config_path)).iter("Source")
+    assert _read(_kernel_as_the_plugin_opens_it(config_path, source.get("filename"))) == KERNEL
+
+
+def test_runtime_directory_on_a_disk_is_refused_and_nothing_is_written(gpu_bundle, ring,
+                                                                       exttest_task, monkeypatch,
+                                                                       tmp_path):
+    if _stat_fs_type(tmp_path) in {"tmpfs", "ramfs"}:
+        pytest.skip(f"{tmp_path} is on a RAM file system here: no disk to refuse")
+    exttest_task["compile"] = False
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(run))
+    core = RecordingCore()
+
+    models = _load(gpu_bundle(), ring, core, "GPU")
+
+    reason = models.broken[TASK]["gpuop"]
+    assert "not a RAM file system" in reason and str(run) in reason
+    assert core.properties == [] and list(run.iterdir()) == []
+
+
+def test_only_a_ram_file_system_is_accepted(tmp_path):
+    require_ram_fs("/dev/shm")  # tmpfs: accepted
+    if _stat_fs_type(tmp_path) in {"tmpfs", "ramfs"}:
+        pytest.skip(f"{tmp_path} is on a RAM file system here: no disk to refuse")
+    with pytest.raises(ExtensionError, match="not a RAM file system"):
+        require_ram_fs(tmp_path)
+
+
+def test_fs_type_takes_the_innermost_top_mount_and_reads_escaped_spaces():
+    mountinfo = "\n".join([
+        "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw",
+        "60 27 0:50 / /run rw,nosuid shared:12 master:3 - tmpfs tmpfs rw,mode=755",
+        "61 60 0:51 / /run/my\\040disk rw,relatime shared:13 - ext4 /dev/vdb rw",
+        "62 27 0:52 / /srv/data rw - xfs /dev/vdc rw",
+        "63 62 0:53 / /srv/data rw - ramfs none rw",  # stacked on top of the xfs
+        "garbage line without the separator",
+    ])
+
+    assert fs_type("/run/edge-worker-GPU/x", mountinfo) == "tmpfs"
+    assert fs_type("/run/my disk/x", mountinfo) == "ext4"
+    assert fs_type("/run/my", mountinfo) == "tmpfs"  # a prefix of a mount point is not inside it
+    assert fs_type("/srv/data/k", mountinfo) == "ramfs"
+    assert fs_type("/srv/database", mountinfo) == "ext4"
+    assert fs_type("/", mountinfo) == "ext4"
+
+
+def test_modes_hold_whatever_the_umask(gpu_bundle, ring, exttest_task):
+    exttest_task["compile"] = False
+    core = RecordingCore()
+    old = os.umask(0o277)  # would leave a directory its owner cannot write and 0400 files
+    try:
+        models = _load(gpu_bundle(), ring, core, "GPU")
+    finally:
+        os.umask(old)
+
+    assert models.broken == {}
+    config_path = _config_file(core)
+    assert stat.S_IMODE(os.stat(os.path.dirname(config_path)).st_mode) == 0o700
+    for name in os.listdir(os.path.dirname(config_path)):
+        path = os.path.join(os.path.dirname(config_path), name)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, name
+
+
+def test_reload_with_the_same_kernels_reuses_their_files(gpu_bundle, ring, exttest_task):
+    exttest_task["compile"] = False
+    root = gpu_bundle()
+    first, second = RecordingCore(), RecordingCore()
+
+    _load(root, ring, first, "GPU")
+    _load(root, ring, second, "GPU")  # a reload: new Core, same bundles
+
+    assert _config_file(first) == _config_file(second)
+    assert len(os.listdir(os.path.dirname(_config_file(second)))) == 2
+
+
+def test_clean_up_removes_the_kernel_files_and_their_directory(gpu_bundle, ring, exttest_task):
+    exttest_task["compile"] = False
+    core = RecordingCore()
+    _load(gpu_bundle(), ring, core, "GPU")
+    config_path = _config_file(core)
+    [source] = ET.fromstring(_read(config_path)).iter("Source")
+    kernel_path = _kernel_as_the_plugin_opens_it(config_path, source.get("filename"))
+
+    remove_kernel_dir()
+
+    assert not os.path.exists(config_path) and not os.path.exists(kernel_path)
+    assert not os.path.exists(os.path.dirname(config_path))
+
+
+def test_worker_process_exit_removes_the_kernel_directory(shm_dir):
+    probe = ("from workers.extensions import kernel_file\n"
+             "print('PATH=' + kernel_file('kernels/add_one.cl', b'__kernel void k() {}'))\n")
+    env = {**os.environ, "RUNTIME_DIRECTORY": shm_dir}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=60)
+
+    assert out.returncode == 0, out.stderr[-2000:]
+    [path] = [ln[5:] for ln in out.stdout.splitlines() if ln.startswith("PATH=")]
+    assert path.startswith(os.path.realpath(shm_dir) + "/") and path.endswith("-add_one.cl")
+    assert not os.path.exists(path) and os.listdir(shm_dir) == []
 
 
 def test_cpu_worker_ignores_gpu_kernels(gpu_bundle, ring, exttest_task):
