@@ -152,11 +152,20 @@ def _id_from_correlation(data: bytes) -> str:
 
 def _route(task: str, device_id: str, request_id: str, props: Properties, envelope: bool) -> Route:
     topic = props.response_topic
-    if not topic or "+" in topic or "#" in topic or len(topic) > 512:
+    if not _own_response_topic(topic, device_id):
         topic = C.RESULT_TOPIC.format(device_id=device_id, request_id=request_id)
     corr = props.correlation_data.hex() if props.correlation_data else None
     return Route(device_id=device_id, request_id=request_id, task=task,
                  form="envelope" if envelope else "raw", topic=topic, correlation=corr)
+
+
+def _own_response_topic(topic: str | None, device_id: str) -> bool:
+    """A response topic is honoured inside the device's own results tree only: the broker's ACL
+    lets the agent write there and the device read there, and a device cannot aim its answers
+    at another device. Any other response topic is ignored (the answer goes to the default)."""
+    prefix = C.RESULT_TOPIC.format(device_id=device_id, request_id="")
+    return (topic is not None and topic.startswith(prefix) and len(topic) > len(prefix)
+            and not set(topic) & set("+#") and len(topic) <= 512)
 
 
 def _from_envelope(spec: TaskSpec, route: Route, payload: bytes, limit: int,

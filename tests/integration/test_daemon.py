@@ -45,12 +45,11 @@ def test_detokenize_roundtrip(daemon):
 
 def test_raw_mqtt5_request_is_answered_on_the_response_topic_with_correlation(daemon):
     with daemon.device("dev-raw") as dev:
-        dev.client.subscribe("replies/dev-raw", qos=1)
-        time.sleep(0.2)
         dev.publish_raw("tokenize", "héllo".encode(), "corr-42", content_type="text/plain",
-                        params={"model": "whisper-tiny.en"}, response_topic="replies/dev-raw")
+                        params={"model": "whisper-tiny.en"},
+                        response_topic="edge/results/dev-raw/replies")
         reply = dev.wait("corr-42", timeout=30)
-    assert reply.topic == "replies/dev-raw"
+    assert reply.topic == "edge/results/dev-raw/replies"
     assert reply.ok and reply.body["id"] == "corr-42"
     assert isinstance(reply.body["result"]["ids"], list)
 

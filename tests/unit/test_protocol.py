@@ -49,12 +49,22 @@ def test_detokenize_envelope_carries_ids_in_both_forms():
 
 def test_raw_mqtt5_job_uses_correlation_data_and_user_properties():
     props = Properties(content_type="text/plain", correlation_data=b"abc-1",
-                       response_topic="my/replies", user_properties=(("add_special_tokens",
-                                                                       "false"),))
+                       response_topic="edge/results/dev1/replies",
+                       user_properties=(("add_special_tokens", "false"),))
     sub = _parse("edge/jobs/tokenize/dev1", "héllo".encode(), props)
     assert sub.route.request_id == "abc-1" and sub.route.form == "raw"
-    assert sub.route.topic == "my/replies" and sub.route.correlation == b"abc-1".hex()
+    assert sub.route.topic == "edge/results/dev1/replies"
+    assert sub.route.correlation == b"abc-1".hex()
     assert sub.text == "héllo" and sub.params["add_special_tokens"] is False
+
+
+@pytest.mark.parametrize("topic", ["my/replies", "edge/results/dev2/replies",
+                                   "edge/results/dev1/", "edge/results/dev1/+",
+                                   "edge/results/dev10/x", "edge/results/dev1"])
+def test_a_response_topic_outside_the_devices_results_is_ignored(topic):
+    props = Properties(correlation_data=b"r1", response_topic=topic)
+    sub = _parse("edge/jobs/tokenize/dev1", b"hello", props)
+    assert sub.route.topic == "edge/results/dev1/r1"  # not another device's, not a wildcard
 
 
 def test_raw_image_is_sniffed_without_content_type():
