@@ -177,13 +177,13 @@ class DeviceClient:
             return self._inbox.setdefault(request_id, queue.Queue())
 
     def _on_message(self, client, userdata, msg) -> None:
+        # edge/<results|progress>/<device>/<request id>, or a response topic of our own; a raw
+        # request's id comes back as correlation data whatever the topic
         parts = msg.topic.split("/")
-        if len(parts) >= 4 and parts[0] == "edge":
-            self._box(parts[3]).put((parts[1], msg, time.perf_counter()))
-        else:  # a response topic of our own: the request id is in the correlation data
-            corr = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
-            self._box((corr or b"").decode("ascii", "replace")).put(
-                ("results", msg, time.perf_counter()))
+        ours = len(parts) >= 4 and parts[0] == "edge"
+        corr = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
+        request_id = corr.decode("ascii", "replace") if corr else parts[3] if ours else ""
+        self._box(request_id).put((parts[1] if ours else "results", msg, time.perf_counter()))
 
     # -- sending
 
