@@ -177,12 +177,11 @@ class DeviceClient:
             return self._inbox.setdefault(request_id, queue.Queue())
 
     def _on_message(self, client, userdata, msg) -> None:
-        # edge/<results|progress>/<device>/<request id>, or a response topic of our own; a raw
-        # request's id comes back as correlation data whatever the topic
+        # edge/<results|progress>/<device>/<request id>, or a response topic of our own: every
+        # answer names its request (the JSON body's "id", or an "id" user property)
         parts = msg.topic.split("/")
         ours = len(parts) >= 4 and parts[0] == "edge"
-        corr = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
-        request_id = corr.decode("ascii", "replace") if corr else parts[3] if ours else ""
+        request_id = _answer_id(msg) or (parts[3] if ours else "")
         self._box(request_id).put((parts[1] if ours else "results", msg, time.perf_counter()))
 
     # -- sending
@@ -278,6 +277,18 @@ class DeviceClient:
 def _refused_error(request_id: str, reason: ReasonCode) -> PublishRefused:
     return PublishRefused(f"the broker refused job {request_id!r}: {reason} "
                           f"(reason code 0x{reason.value:02x})", reason.value)
+
+
+def _answer_id(msg) -> str | None:
+    user = dict(getattr(msg.properties, "UserProperty", None) or []) if msg.properties else {}
+    if "id" in user:
+        return user["id"]
+    try:
+        body = json.loads(msg.payload)
+    except ValueError:
+        return None
+    rid = body.get("id") if isinstance(body, dict) else None
+    return rid if isinstance(rid, str) else None
 
 
 def _prop(v: Any) -> str:
