@@ -9,8 +9,8 @@ from typing import Mapping
 
 import redis
 from rq import Queue
-from rq.exceptions import DuplicateJobError
 from rq.serializers import JSONSerializer
+from rq.utils import now
 
 from edge import constants as C
 from edge.config import Config
@@ -35,7 +35,7 @@ class Enqueued:
 
 
 class Router:
-    """Picks the first device of a task whose worker is alive and whose queue has room."""
+    """Which queues may take a task's job: its devices' queues, in order, with a live worker."""
 
     def __init__(self, conn: redis.Redis, config: Config, cache_seconds: float = 1.0) -> None:
         self.conn, self.config, self.cache_seconds = conn, config, cache_seconds
@@ -57,28 +57,48 @@ class Router:
         return [name for name in (queue_name(task, d) for d in self.config.tasks[task].devices)
                 if self.alive(name)]
 
-    def choose(self, task: str, lengths: Mapping[str, int]) -> str:
-        """The first live queue with room. Busy when every live queue is full,
-        ModelUnavailable when no worker serves the task at all (`lengths` is empty)."""
-        limit = self.config.tasks[task].queue_limit
-        for name, length in lengths.items():
-            if length < limit:
-                return name
-        if lengths:
-            raise Busy(f"every {task} queue is full; try again later")
-        raise ModelUnavailable(f"no worker serves {task} on this gateway now")
+
+# One atomic step per job, one round trip: RQ's unique enqueue (rq.scripts'
+# UNIQUE_ENQUEUE_SCRIPT: refuse an existing job hash, write it, set its TTL, push its id), with
+# the routing and the payload folded in. The first candidate queue under the limit takes the job.
+_ENQUEUE = """
+-- KEYS: job hash, blob, unanswered index, RQ's queue set, candidate queues...
+-- ARGV: job id, queue limit, received, blob TTL, job TTL (-1: none), nblob, blob field/values,
+--       queue names (one per candidate), job hash field/values
+if redis.call("EXISTS", KEYS[1]) == 1 then return 0 end
+local nq = #KEYS - 4
+local nblob = tonumber(ARGV[6])
+local chosen = nil
+for i = 1, nq do
+  if redis.call("LLEN", KEYS[4 + i]) < tonumber(ARGV[2]) then chosen = i break end
+end
+if chosen == nil then return -1 end
+redis.call("DEL", KEYS[2])
+redis.call("HSET", KEYS[2], unpack(ARGV, 7, 6 + nblob))
+redis.call("EXPIRE", KEYS[2], ARGV[4])
+redis.call("ZADD", KEYS[3], "NX", ARGV[3], ARGV[1])
+redis.call("SADD", KEYS[4], KEYS[4 + chosen])
+redis.call("HSET", KEYS[1], unpack(ARGV, 7 + nblob + nq))
+redis.call("HSET", KEYS[1], "origin", ARGV[6 + nblob + chosen])
+local ttl = tonumber(ARGV[5])
+if ttl > 0 then redis.call("EXPIRE", KEYS[1], ttl) end
+redis.call("RPUSH", KEYS[4 + chosen], ARGV[1])
+return chosen
+"""
 
 
 class Enqueuer:
     """Stores a job's inputs as one Redis blob and enqueues its RQ job, once per request id.
 
-    Two round trips per new job: the duplicate check and the queue lengths together, then the
-    blob (with RQ's queue registration) and RQ's atomic unique enqueue.
+    One round trip per job (`_ENQUEUE`): the duplicate check, the choice of queue, the blob, the
+    reaper's index and RQ's own enqueue happen in one Lua step, so no other client ever sees a
+    job without its payload or a payload without its job.
     """
 
     def __init__(self, conn: redis.Redis, config: Config, router: Router) -> None:
         self.conn, self.config, self.router = conn, config, router
         self._queues: dict[str, Queue] = {}
+        self._script = conn.register_script(_ENQUEUE)
 
     def _queue(self, name: str) -> Queue:
         q = self._queues.get(name)
@@ -87,7 +107,10 @@ class Enqueuer:
         return q
 
     def submit(self, sub: Submission, received: float) -> Enqueued:
-        """Enqueue `sub`; a duplicate of a job still known to RQ is not enqueued again."""
+        """Enqueue `sub`; a duplicate of a job still known to RQ is not enqueued again.
+
+        Busy when every live queue of the task is full, ModelUnavailable when none is live.
+        """
         task = sub.route.task
         tcfg = self.config.tasks[task]
         key = job_key(sub.route.device_id, sub.route.request_id)
@@ -97,47 +120,55 @@ class Enqueuer:
         job = Job(key=key, route=sub.route, params=dict(sub.params),
                   blob_key=C.BLOB_KEY.format(job_key=key), received=received,
                   deadline=deadline, batch=sub.batch)
-        live = self.router.live_queues(task)
-        pipe = self.conn.pipeline(transaction=False)
-        pipe.exists(f"rq:job:{key}")
-        for name in live:
-            pipe.llen(self._queue(name).key)
-        exists, *lengths = pipe.execute()
-        if exists:
+        queues = [self._queue(name) for name in self.router.live_queues(task)]
+        rq_job = self._rq_job(queues[0] if queues else self._queue(queue_name(task, "-")), job)
+        blob = _blob_fields(sub)
+        keys = [rq_job.key, job.blob_key, UNANSWERED_KEY, Queue.redis_queues_keys,
+                *(q.key for q in queues)]
+        args = [key, tcfg.queue_limit, received, self.config.blob_ttl,
+                rq_job.ttl if rq_job.ttl is not None else -1, len(blob), *blob,
+                *(q.name for q in queues), *_hash_fields(rq_job)]
+        chosen = self._script(keys=keys, args=args)
+        if chosen == 0:
             return Enqueued(job, "", duplicate=True)
-        queue = self._queue(self.router.choose(task, dict(zip(live, lengths))))
-        self._store_blob(job.blob_key, sub, key, received, queue)
-        try:
-            # RQ registers the queue on the pipeline it is given, then enqueues atomically with
-            # its own Lua script (a given pipeline is not used for that): the registration went
-            # out with the blob, so this pipeline is left unsent.
-            queue.enqueue_call(
-                C.JOB_FUNCTION, args=(job.to_json(),), job_id=key, timeout=tcfg.timeout,
-                result_ttl=self.config.dedup_ttl, failure_ttl=self.config.dedup_ttl,
-                unique=True, description=f"{task} {sub.route.device_id}/{sub.route.request_id}",
-                pipeline=self.conn.pipeline())
-        except DuplicateJobError:
-            return Enqueued(job, queue.name, duplicate=True)
-        return Enqueued(job, queue.name, duplicate=False)
+        if chosen > 0:
+            return Enqueued(job, queues[chosen - 1].name, duplicate=False)
+        if queues:
+            raise Busy(f"every {task} queue is full; try again later")
+        raise ModelUnavailable(f"no worker serves {task} on this gateway now")
 
-    def _store_blob(self, key: str, sub: Submission, job_id: str, received: float,
-                    queue: Queue) -> None:
-        fields: dict[str, bytes | str] = {"n": str(len(sub.media))}
-        if sub.text is not None:
-            fields["text"] = json.dumps(sub.text)
-        if sub.ids is not None:
-            fields["ids"] = json.dumps(sub.ids)
-        for i, (ctype, data) in enumerate(sub.media):
-            fields[f"t{i}"] = ctype
-            fields[f"m{i}"] = data
-        pipe = self.conn.pipeline(transaction=True)
-        pipe.delete(key)
-        pipe.hset(key, mapping=fields)
-        pipe.expire(key, self.config.blob_ttl)
-        # Indexed before RQ sees it: the reaper finds it even if a worker loses it (see reaper)
-        pipe.zadd(UNANSWERED_KEY, {job_id: received}, nx=True)
-        pipe.sadd(queue.redis_queues_keys, queue.key)  # what RQ's enqueue would send alone
-        pipe.execute()
+    def _rq_job(self, queue: Queue, job: Job):
+        """The RQ job as `Queue.enqueue_call(..., unique=True)` would store it."""
+        tcfg = self.config.tasks[job.task]
+        route = job.route
+        rq_job = queue.create_job(
+            C.JOB_FUNCTION, args=(job.to_json(),), job_id=job.key, timeout=tcfg.timeout,
+            result_ttl=self.config.dedup_ttl, failure_ttl=self.config.dedup_ttl,
+            description=f"{job.task} {route.device_id}/{route.request_id}")
+        rq_job.redis_server_version = queue.get_redis_server_version()
+        rq_job.enqueued_at = now()
+        return rq_job
+
+
+def _blob_fields(sub: Submission) -> list[bytes | str]:
+    """The payload as flat field/value pairs of the blob hash."""
+    fields: list[bytes | str] = ["n", str(len(sub.media))]
+    if sub.text is not None:
+        fields += ["text", json.dumps(sub.text)]
+    if sub.ids is not None:
+        fields += ["ids", json.dumps(sub.ids)]
+    for i, (ctype, data) in enumerate(sub.media):
+        fields += [f"t{i}", ctype, f"m{i}", data]
+    return fields
+
+
+def _hash_fields(rq_job) -> list[bytes | str]:
+    """RQ's job hash as flat field/value pairs (what rq.scripts writes for a unique enqueue)."""
+    out: list[bytes | str] = []
+    for name, value in rq_job.to_dict().items():
+        if value is not None:
+            out += [name, value if isinstance(value, (bytes, str)) else str(value)]
+    return out
 
 
 def read_blob(conn: redis.Redis, key: str) -> Mapping[bytes, bytes] | None:

@@ -69,8 +69,11 @@ def run(job_json: str) -> None:
         outbox = Outbox(conn)
         answer = execute(job, conn, rt, progress=lambda body: outbox.append(
             Answer(job.route, "progress", dict(body))))
-        metrics.observe_answer(job.task, rt.device if rt else "?", answer.body)
         _deliver(outbox, current.key, answer, rt.worker if rt else "worker", job.blob_key)
+        # after the answer is stored: the device is not kept waiting for our bookkeeping
+        metrics.observe_answer(job.task, rt.device if rt else "?", answer.body)
+        if answer.body.get("status") == "ok":
+            log.info("job_done", run_ms=round(answer.body["timings"]["run_ms"], 2))
 
 
 def _deliver(outbox: Outbox, rq_key: str, answer: Answer, owner: str, blob_key: str,
@@ -119,7 +122,6 @@ def execute(job: Job, conn: redis.Redis, rt: Runtime | None, progress) -> Answer
         check_answer_size(response)
         body = result_body(job.route, result=response.result,
                            timings=_timings(job, started))
-        log.info("job_done", run_ms=round((time.time() - started) * 1000, 2))
         return Answer(job.route, "result", body,
                       tuple((m.content_type, m.data) for m in response.media))
     except EdgeError as exc:
