@@ -179,10 +179,11 @@ class DeviceClient:
     def _on_message(self, client, userdata, msg) -> None:
         # edge/<results|progress>/<device>/<request id>, or a response topic of our own: every
         # answer names its request (the JSON body's "id", or an "id" user property)
+        at = time.perf_counter()
         parts = msg.topic.split("/")
         ours = len(parts) >= 4 and parts[0] == "edge"
         request_id = _answer_id(msg) or (parts[3] if ours else "")
-        self._box(request_id).put((parts[1] if ours else "results", msg, time.perf_counter()))
+        self._box(request_id).put((parts[1] if ours else "results", msg, at))
 
     # -- sending
 
