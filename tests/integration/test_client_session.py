@@ -17,27 +17,11 @@ from paho.mqtt.properties import Properties as PahoProperties
 from edge import constants as C
 from edge.client import PACKET_TOO_LARGE, DeviceClient, PublishRefused
 from edge.mqtt import packet_size as publish_packet_size
-from edge.localservices import MosquittoServer
 from tests.faults.helpers import TcpProxy
 
 pytestmark = pytest.mark.integration
 
 NOT_AUTHORIZED = 0x87
-
-
-@pytest.fixture
-def broker(tmp_path):
-    """`broker(extra_conf)`: a private Mosquitto for one test (it may be restarted or wiped)."""
-    started = []
-
-    def start(extra_conf: str = "") -> MosquittoServer:
-        server = MosquittoServer(tmp_path / f"mosquitto-{len(started)}", extra_conf=extra_conf)
-        started.append(server.start())
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 @pytest.fixture

@@ -24,7 +24,6 @@ from edge import mqtt as mqtt_module
 from edge import outbox as outbox_module
 from edge.config import MqttConfig
 from edge.jobs import Answer, Route
-from edge.localservices import MosquittoServer
 from edge.metrics import REGISTRY
 from edge.mqtt import (PAYLOAD_FORMAT_INVALID, QUOTA_EXCEEDED, MqttClient, Refused,
                        publish_packet_size)
@@ -43,21 +42,6 @@ def conn(redis_server):
     c.flushdb()
     yield c
     c.flushdb()
-
-
-@pytest.fixture
-def broker(tmp_path):
-    """`broker(extra_conf)`: a private Mosquitto for one test."""
-    started = []
-
-    def start(extra_conf: str = "") -> MosquittoServer:
-        server = MosquittoServer(tmp_path / f"mosquitto-{len(started)}", extra_conf=extra_conf)
-        started.append(server.start())
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 @pytest.fixture
