@@ -34,3 +34,20 @@ def test_a_rebuild_replaces_the_folder(tmp_path):
         with building(final) as tmp:
             (tmp / content).write_text(content)
     assert [p.name for p in final.iterdir()] == ["second"]
+
+
+def test_superres_reuses_a_folder_of_its_own_version_only(tmp_path):
+    from workers.superres.prepare import _build
+
+    built = []
+
+    def builder(folder):
+        built.append(folder)
+        return {"name": "m", "version": "2"}
+
+    final = tmp_path / "m"
+    _build(final, "2", False, builder)
+    _build(final, "2", False, builder)  # complete, same version: reused
+    assert len(built) == 1
+    _build(final, "3", False, builder)  # made by an older recipe: rebuilt
+    assert len(built) == 2

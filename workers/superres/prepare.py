@@ -30,20 +30,20 @@ def prepare(cache_dir: Path, *, force: bool = False,
     only = options.get("only", "")
     out = []
     if only in ("", "fast"):
-        out.append(_build(cache_dir / FAST, force, lambda d: _prepare_fast(d, options)))
+        out.append(_build(cache_dir / FAST, VERSION, force, lambda d: _prepare_fast(d, options)))
     if only in ("", "quality"):
-        from workers.superres.ldm_build import build_ldm
+        from workers.superres import ldm_build
 
-        out.append(_build(cache_dir / QUALITY, force, build_ldm))
+        out.append(_build(cache_dir / QUALITY, ldm_build.VERSION, force, ldm_build.build_ldm))
     return out
 
 
-def _build(final: Path, force: bool, builder: Callable[[Path], dict]) -> Path:
+def _build(final: Path, version: str, force: bool, builder: Callable[[Path], dict]) -> Path:
     """Run `builder` into a temp folder, write bundle.json last, rename into place.
 
-    A complete folder of this VERSION is reused; one an older recipe made is rebuilt.
+    A complete folder of `version` is reused; one an older recipe made is rebuilt.
     """
-    if not force and _version(final) == VERSION:
+    if not force and _version(final) == version:
         return final
     with building(final) as tmp:
         manifest = builder(tmp)
