@@ -12,7 +12,8 @@ Build host only (torch, diffusers, optimum-intel, openvino-tokenizers). Writes
     cache_dir/_reference/<name>/ the diffusers pipeline the IRs came from (parity tests, bench)
 
 Options: `arch` ("tiny" default, "sd15" = SD1.5 architecture for benchmarks), `seed` ("0"),
-`unet` ("fp32" default, "int8" = NNCF-quantized UNet, see `workers.lcm._quantize`).
+`unet` ("fp32" default, "int8" = NNCF-quantized UNet and VAE decoder, see
+`workers.lcm._quantize`; settings["int8"] lists the INT8 components).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-BUNDLE_VERSION = "1"
+# 2: INT8 bundles quantize the VAE decoder too; settings["int8"] names the INT8 components
+BUNDLE_VERSION = "2"
 _COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+_INT8_COMPONENTS = ("unet", "vae_decoder")
 
 
 def prepare(cache_dir: Path, *, force: bool = False, options: Mapping[str, str] = {}) -> list[Path]:
@@ -40,7 +43,7 @@ def prepare(cache_dir: Path, *, force: bool = False, options: Mapping[str, str] 
     name = options.get("name") or _default_name(arch, unet_kind)
     cache_dir = Path(cache_dir)
     folder = cache_dir / name
-    if (folder / "bundle.json").is_file() and not force:
+    if _is_current(folder, _version(arch, seed)) and not force:
         return [folder]
     reference = reference_dir(cache_dir, f"lcm-{arch}-seed{seed}")
     _ensure_reference(reference, arch, seed, force)
@@ -53,9 +56,9 @@ def prepare(cache_dir: Path, *, force: bool = False, options: Mapping[str, str] 
         loras = _copy_loras(reference, work / "bundle") if unet_kind == "fp32" else {}
         _write_manifest(work / "bundle", name, reference, loras, arch, seed, unet_kind)
         if unet_kind == "int8":
-            from workers.lcm._quantize import quantize_unet
+            from workers.lcm._quantize import quantize
 
-            quantize_unet(work / "bundle")  # calibrates by running the complete fp32 folder
+            quantize(work / "bundle", _INT8_COMPONENTS)  # calibrates on the complete fp32 folder
         if folder.exists():
             shutil.rmtree(folder)
         (work / "bundle").rename(folder)  # complete folders only ever appear whole
@@ -65,6 +68,17 @@ def prepare(cache_dir: Path, *, force: bool = False, options: Mapping[str, str] 
 def reference_dir(cache_dir: Path, name: str = "lcm-tiny-seed0") -> Path:
     """Where the diffusers pipeline behind a prepared folder lives (not part of any bundle)."""
     return Path(cache_dir) / "_reference" / name
+
+
+def _version(arch: str, seed: int) -> str:
+    return f"{BUNDLE_VERSION}+{arch}.seed{seed}"
+
+
+def _is_current(folder: Path, version: str) -> bool:
+    """A complete folder written by this recipe (a folder from an older recipe is rebuilt)."""
+    if not (folder / "bundle.json").is_file():
+        return False
+    return json.loads((folder / "bundle.json").read_text()).get("version") == version
 
 
 def _default_name(arch: str, unet_kind: str) -> str:
@@ -147,8 +161,9 @@ def _write_manifest(bundle: Path, name: str, reference: Path, loras: dict[str, s
         "files": {"tokenizer": "tokenizer.xml", **{p: f"{p}.xml" for p in _COMPONENTS}},
         "loras": loras,
         "unet_precision": unet_kind,
+        "int8": list(_INT8_COMPONENTS) if unet_kind == "int8" else [],
     }
-    manifest = {"name": name, "task": "lcm", "version": f"{BUNDLE_VERSION}+{arch}.seed{seed}",
+    manifest = {"name": name, "task": "lcm", "version": _version(arch, seed),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "settings": settings}
     (bundle / "bundle.json").write_text(json.dumps(manifest, indent=2) + "\n")
