@@ -24,31 +24,6 @@ pytestmark = pytest.mark.integration
 NOT_AUTHORIZED = 0x87
 
 
-@pytest.fixture
-def spy():
-    """`spy(port, topic)`: a plain paho subscriber; returns the queue of (topic, payload)."""
-    clients = []
-
-    def watch(port: int, topic: str) -> queue.Queue:
-        got: queue.Queue = queue.Queue()
-        subscribed = queue.Queue()
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"spy-{len(clients)}",
-                        protocol=paho.MQTTv5)
-        c.on_message = lambda cl, u, msg: got.put((msg.topic, bytes(msg.payload)))
-        c.on_subscribe = lambda *a: subscribed.put(True)
-        c.on_connect = lambda cl, *a: cl.subscribe(topic, qos=1)
-        c.connect("127.0.0.1", port)
-        c.loop_start()
-        clients.append(c)
-        subscribed.get(timeout=10)
-        return got
-
-    yield watch
-    for c in clients:
-        c.disconnect()
-        c.loop_stop()
-
-
 def drain(q: queue.Queue, settle: float = 1.0) -> list:
     """Everything `q` holds once nothing has arrived for `settle` seconds."""
     out = []

@@ -14,10 +14,8 @@ import struct
 import threading
 import time
 
-import paho.mqtt.client as paho
 import pytest
 import redis
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edge import constants as C
 from edge import mqtt as mqtt_module
@@ -45,28 +43,9 @@ def conn(redis_server):
 
 
 @pytest.fixture
-def device():
+def device(spy):
     """`device(port)`: a subscriber to every answer; returns the queue of (topic, payload)."""
-    clients = []
-
-    def watch(port: int) -> queue.Queue:
-        got: queue.Queue = queue.Queue()
-        subscribed: queue.Queue = queue.Queue()
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"device-{len(clients)}",
-                        protocol=paho.MQTTv5)
-        c.on_message = lambda cl, u, msg: got.put((msg.topic, bytes(msg.payload)))
-        c.on_subscribe = lambda *a: subscribed.put(True)
-        c.on_connect = lambda cl, *a: cl.subscribe("edge/results/#", qos=1)
-        c.connect("127.0.0.1", port)
-        c.loop_start()
-        clients.append(c)
-        subscribed.get(timeout=10)
-        return got
-
-    yield watch
-    for c in clients:
-        c.disconnect()
-        c.loop_stop()
+    return lambda port: spy(port, "edge/results/#")
 
 
 @pytest.fixture
