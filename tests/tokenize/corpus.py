@@ -63,3 +63,30 @@ def make_sentences(n: int, seed: int = 1) -> list[str]:
     rng = random.Random(seed)
     words = [w for w in _WORDS if w.isascii()]
     return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 25))) + "." for _ in range(n)]
+
+
+def make_ascii_texts(n: int, seed: int = 0) -> list[str]:
+    """`n` ASCII strings with the corpus's ASCII hard cases: controls, NUL, DEL, tabs, line
+    breaks, whitespace runs, literal special tokens, upper case, punctuation, long text."""
+    rng = random.Random(seed)
+    words = [w for w in _WORDS if w.isascii()]
+    snippets = [s for s in _SNIPPETS if s.isascii()]
+    controls = "".join(map(chr, (*range(0x20), 0x7F)))
+
+    def piece() -> str:
+        kind = rng.random()
+        if kind < 0.5:
+            word = rng.choice(words)
+            return word.upper() if rng.random() < 0.1 else word
+        if kind < 0.75:
+            return rng.choice(snippets)
+        if kind < 0.9:
+            return "".join(chr(rng.randint(0x21, 0x7E)) for _ in range(rng.randint(1, 6)))
+        return "".join(rng.choice(controls + " ") for _ in range(rng.randint(1, 4)))
+
+    texts = ["", " ", "\t\n", "a", "Hello, world!", "  leading and trailing  "]
+    while len(texts) < n:
+        length = rng.choice((1, 2, 3, 5, 8, 13, 21, 40)) if rng.random() < 0.95 else 200
+        seps = (" ", " ", " ", "", "  ", "\n", "\t", "\r\n", "\x0b", "\x0c")
+        texts.append("".join(piece() + rng.choice(seps) for _ in range(length)))
+    return texts[:n]

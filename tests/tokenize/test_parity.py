@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from tests.tokenize.conftest import NAMES
-from tests.tokenize.corpus import make_texts
+from tests.tokenize.corpus import make_ascii_texts, make_texts
 from workers.api import DeviceSettings, FolderBundle
 from workers.tokenize.pipeline import TokenizerPipeline
 from workers.tokenize.prepare import SOURCES
@@ -21,6 +21,7 @@ from workers.tokenize.prepare import SOURCES
 pytestmark = pytest.mark.slow
 
 TEXTS = make_texts(2000, seed=20240611)
+ASCII_TEXTS = make_ascii_texts(2000, seed=20261124)  # batches that take the ASCII fast path
 CHUNK = 100  # a realistic request size, and it keeps padding of the long texts contained
 
 # MiniLM: Rust `tokenizers` classifies punctuation with older Unicode tables than the IR's
@@ -56,6 +57,18 @@ def test_encode_matches_hf_tokenizers(pair, add_special_tokens):
     assert len(bad) <= ENCODE_BOUND[pipeline.name], bad[:3]
 
 
+@pytest.mark.parametrize("add_special_tokens", [True, False])
+def test_ascii_batches_match_hf_tokenizers(pair, add_special_tokens):
+    """Batches of ASCII texts skip the IR's normalization (MiniLM, CLIP): the result is HF's."""
+    pipeline, rust = pair
+    ours = [ids for chunk in _chunks(ASCII_TEXTS)
+            for ids in pipeline.encode(chunk, add_special_tokens)]
+    ref = [e.ids for e in rust.encode_batch(ASCII_TEXTS, add_special_tokens=add_special_tokens)]
+    bad = [(t, r, o) for t, r, o in zip(ASCII_TEXTS, ref, ours) if r != o]
+    assert bad == [], bad[:3]
+    assert pipeline.ascii_fast_path == (pipeline.name != "whisper-tiny.en")
+
+
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
 def test_decode_matches_hf_decode(pair, skip_special_tokens):
     pipeline, rust = pair
@@ -65,6 +78,14 @@ def test_decode_matches_hf_decode(pair, skip_special_tokens):
     ref = [rust.decode(row, skip_special_tokens=skip_special_tokens) for row in ids]
     bad = [(r, o) for r, o in zip(ref, ours) if r != o]
     assert bad == []
+
+
+def test_ascii_corpus_is_hard():
+    joined = "".join(ASCII_TEXTS)
+    assert joined.isascii() and len(set(ASCII_TEXTS)) > 1900
+    for needle in ("\x00", "\x07", "\x7f", "\x1b", "\t", "\r\n", "\x0b", "\x0c", "   ", "[SEP]",
+                   "<|endoftext|>", "HELLO"):
+        assert needle in joined, repr(needle)
 
 
 def test_corpus_is_varied():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -43,10 +43,35 @@ def _lower(text: str) -> str:
     return text.replace("Σ", "σ").lower()
 
 
+# What BERT's normalization ops do to ASCII: drop control characters (all but tab, newline and
+# carriage return), then make each whitespace character a space
+_ASCII_BERT_TABLE = str.maketrans({**{chr(c): None for c in (*range(0x20), 0x7F)},
+                                   "\t": " ", "\n": " ", "\r": " "})
+
+
+def _ascii_bert_clean(text: str) -> str:
+    # isprintable: an ASCII text without any of 0x00-0x1f and 0x7f, the common case
+    return text if text.isprintable() else text.translate(_ASCII_BERT_TABLE)
+
+
+# What CLIP's normalization ops do to ASCII: each run of whitespace becomes one space
+_ASCII_WHITESPACE_RUN = re.compile("[\t\n\x0b\x0c\r ]+")
+
+
+def _ascii_collapse_whitespace(text: str) -> str:
+    if text.isprintable() and "  " not in text:  # only single spaces: nothing to collapse
+        return text
+    return _ASCII_WHITESPACE_RUN.sub(" ", text)
+
+
 PREPROCESS: dict[str, Callable[[str], str]] = {
     "bert_clean": _bert_clean,
     "nfc": _nfc,
     "lower": _lower,
+    # for the ASCII tokenizers only (see TokenizerSettings.ascii_tokenizer)
+    "ascii_bert_clean": _ascii_bert_clean,
+    "ascii_collapse_whitespace": _ascii_collapse_whitespace,
+    "ascii_lower": str.lower,
 }
 
 
@@ -65,6 +90,10 @@ class TokenizerSettings:
     vocab_size: int
     preprocess: tuple[str, ...]
     postprocess: tuple[str, ...] = ()
+    # The tokenizer without its normalization ops, for batches of ASCII texts, which get the
+    # `ascii_preprocess` steps instead (nothing: every batch takes the full tokenizer)
+    ascii_tokenizer: Mapping[bool, str] = field(default_factory=dict)
+    ascii_preprocess: tuple[str, ...] = ()
     special_tokens: tuple[str, ...] = ()  # matched on raw text: pre-processing skips them
     truncate_to: int | None = None  # truncate in Python (after fixing ids), not in the IR
     suffix_after: frozenset[int] = frozenset()  # special ids the IR follows with junk ids...
@@ -74,7 +103,8 @@ class TokenizerSettings:
     def from_manifest(cls, manifest: Mapping[str, Any]) -> TokenizerSettings:
         """Parse the `settings` of a tokenize bundle."""
         s = manifest["settings"]
-        unknown = [p for p in s.get("preprocess", ()) if p not in PREPROCESS]
+        unknown = [p for p in (*s.get("preprocess", ()), *s.get("ascii_preprocess", ()))
+                   if p not in PREPROCESS]
         unknown += [p for p in s.get("postprocess", ()) if p not in POSTPROCESS]
         if unknown:
             raise ValueError(f"bundle {manifest.get('name')!r}: unknown step {unknown[0]!r}")
@@ -85,6 +115,8 @@ class TokenizerSettings:
             vocab_size=int(s["vocab_size"]),
             preprocess=tuple(s.get("preprocess", ())),
             postprocess=tuple(s.get("postprocess", ())),
+            ascii_tokenizer={k == "true": v for k, v in s.get("ascii_tokenizer", {}).items()},
+            ascii_preprocess=tuple(s.get("ascii_preprocess", ())),
             special_tokens=tuple(s.get("special_tokens", ())),
             truncate_to=s.get("max_length") if s.get("truncate_in_pipeline") else None,
             suffix_after=frozenset(fix.get("after", ())),
@@ -96,12 +128,15 @@ class TokenizerPipeline:
     """One tokenizer: encode texts to id lists and decode id lists to texts."""
 
     def __init__(self, name: str, settings: TokenizerSettings,
-                 encoders: Mapping[bool, Any], decoders: Mapping[bool, Any]) -> None:
+                 encoders: Mapping[bool, Any], decoders: Mapping[bool, Any],
+                 ascii_encoders: Mapping[bool, Any] | None = None) -> None:
         self.name = name
         self.settings = settings
         self._encoders = encoders  # add_special_tokens -> InferRequest
         self._decoders = decoders  # skip_special_tokens -> InferRequest
+        self._ascii_encoders = ascii_encoders or {}  # the same, for ASCII-only batches
         self._preprocess = [PREPROCESS[p] for p in settings.preprocess]
+        self._ascii_preprocess = [PREPROCESS[p] for p in settings.ascii_preprocess]
         self._postprocess = [POSTPROCESS[p] for p in settings.postprocess]
         specials = sorted(settings.special_tokens, key=len, reverse=True)
         # capturing group: re.split keeps the special tokens at the odd indices
@@ -123,7 +158,13 @@ class TokenizerPipeline:
             bundle.name, settings,
             {add: compile_(xml) for add, xml in settings.tokenizer.items()},
             {skip: compile_(xml) for skip, xml in settings.detokenizer.items()},
+            {add: compile_(xml) for add, xml in settings.ascii_tokenizer.items()},
         )
+
+    @property
+    def ascii_fast_path(self) -> bool:
+        """Whether batches of ASCII texts skip the IR's normalization (see `encode`)."""
+        return bool(self._ascii_encoders)
 
     @property
     def vocab_size(self) -> int:
@@ -131,13 +172,20 @@ class TokenizerPipeline:
         return self.settings.vocab_size
 
     def encode(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
-        """Token ids of each text, padding removed."""
+        """Token ids of each text, padding removed.
+
+        A batch of ASCII texts goes to the tokenizer without normalization ops when the bundle
+        has one, normalized here instead (the same result, sooner).
+        """
         if not texts:
             return []
-        prepared = [self._prepare(t) for t in texts]
+        if self._ascii_encoders and all(t.isascii() for t in texts):
+            steps, request = self._ascii_preprocess, self._ascii_encoders[add_special_tokens]
+        else:
+            steps, request = self._preprocess, self._encoders[add_special_tokens]
+        prepared = [self._prepare(t, steps) for t in texts]
         # share_*: the packed arrays are ours, and the outputs are copied out before the next call
-        out = self._encoders[add_special_tokens].infer(
-            _pack(prepared), share_inputs=True, share_outputs=True)
+        out = request.infer(_pack(prepared), share_inputs=True, share_outputs=True)
         # rows are right-padded: each keeps its first mask.sum() ids (one tolist for the batch)
         lengths = out["attention_mask"].sum(axis=1).tolist()
         rows = [row[:n] for row, n in zip(out["input_ids"].tolist(), lengths)]
@@ -170,17 +218,12 @@ class TokenizerPipeline:
                     return i
         return None
 
-    def _prepare(self, text: str) -> str:
+    def _prepare(self, text: str, steps: Sequence[Callable[[str], str]]) -> str:
         if self._specials is None or not self._specials.search(text):
-            return self._preprocess_plain(text)
+            return _apply(steps, text)
         parts = self._specials.split(text)
-        parts[::2] = [self._preprocess_plain(p) for p in parts[::2]]
+        parts[::2] = [_apply(steps, p) for p in parts[::2]]
         return "".join(parts)
-
-    def _preprocess_plain(self, text: str) -> str:
-        for step in self._preprocess:
-            text = step(text)
-        return text
 
     def _drop_suffix(self, row: list[int]) -> list[int]:
         # the IR emits the literal "</w>" after each special token found in the text
@@ -193,6 +236,12 @@ class TokenizerPipeline:
                 i += n
             i += 1
         return out
+
+
+def _apply(steps: Sequence[Callable[[str], str]], text: str) -> str:
+    for step in steps:
+        text = step(text)
+    return text
 
 
 def _truncate(row: list[int], max_length: int, add_special_tokens: bool) -> list[int]:
