@@ -1,6 +1,6 @@
 """The edge agent: the daemon's only MQTT client.
 
-    mqtt message -> protocol.parse -> Submission -> Router/Enqueuer -> RQ job
+    mqtt message -> protocol.parse -> Submission -> Enqueuer (routing included) -> RQ job
     outbox stream -> OutboxRelay -> protocol.render -> MQTT publish -> XACK
 """
 
@@ -24,7 +24,7 @@ from edge.jobs import Answer
 from edge.mqtt import MqttClient
 from edge.outbox import Outbox, OutboxRelay
 from edge.protocol import Outgoing, Properties, Rejected, error_answer, parse
-from edge.queueing import Enqueuer, Router
+from edge.queueing import Enqueuer
 from edge.reaper import Reaper
 from edge.redisconn import connect
 from edge.status import node_status
@@ -37,8 +37,7 @@ class Agent:
 
     def __init__(self, config: Config, conn: redis.Redis) -> None:
         self.config, self.conn = config, conn
-        self.router = Router(conn, config)
-        self.enqueuer = Enqueuer(conn, config, self.router)
+        self.enqueuer = Enqueuer(conn, config)
         self.outbox = Outbox(conn)
         self.max_bytes = {task: t.max_bytes for task, t in config.tasks.items()}
         subscription = C.JOBS_SUBSCRIPTION
@@ -88,7 +87,7 @@ class Agent:
             return True
         except Rejected as exc:
             return self._answer_error(exc.route, exc.error, topic)
-        except EdgeError as exc:  # Busy, from the router
+        except EdgeError as exc:  # Busy or ModelUnavailable, from the enqueuer
             return self._answer_error(sub.route, exc, topic)
         except redis.RedisError as exc:
             # Not acknowledged: the broker redelivers it once we reconnect.

@@ -20,7 +20,7 @@ from paho.mqtt.properties import Properties as PahoProperties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge import constants as C
-from edge.mqtt import no_delay, packet_size
+from edge.mqtt import Client, no_delay, packet_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +70,7 @@ class DeviceClient:
 
     def __post_init__(self) -> None:
         suffix = "" if self.session_expiry else f"-{uuid.uuid4().hex[:8]}"
-        self.client = paho.Client(CallbackAPIVersion.VERSION2,
+        self.client = Client(CallbackAPIVersion.VERSION2,
                                   client_id=f"{self.device_id}{suffix}", protocol=self.protocol,
                                   clean_session=None if self.protocol == paho.MQTTv5 else True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=2)

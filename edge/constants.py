@@ -52,3 +52,5 @@ MAX_ANSWER_BYTES = 64 << 20
 # The largest PUBLISH packet MQTT allows (a remaining length of 268435455 plus its header), for
 # a broker that announces no Maximum Packet Size.
 MQTT_MAX_PACKET_BYTES = 268_435_455 + 5
+MQTT_RECEIVE_MAXIMUM = 65_535  # MQTT 5's default when a CONNACK names none
+MQTT_MAX_IN_FLIGHT = 100  # our own cap on unacknowledged QoS 1 publishes per connection

@@ -138,6 +138,46 @@ def from_paho(props: PahoProperties | None) -> Properties:
     )
 
 
+class Client(paho.Client):
+    """paho's client, except that a publish is written to the socket by the thread that
+    publishes, not handed to paho's network thread.
+
+    With `loop_start`, paho queues every outgoing packet and wakes its network thread to write
+    it: one thread switch more on the path of every job and every answer. Here the publishing
+    thread writes what is queued at once. A lock keeps the two writers apart, so a packet
+    written in parts is finished before the next one starts; what a full socket buffer leaves
+    over is paho's network thread's to write, and it is woken for it (it may have gone to
+    sleep while the packet was out of its queue, in our hands). Publishes made inside paho's
+    callbacks are left to paho, as before.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._write_lock = threading.Lock()
+
+    def loop_write(self) -> paho.MQTTErrorCode:
+        with self._write_lock:
+            return super().loop_write()
+
+    def publish(self, *args, **kwargs) -> paho.MQTTMessageInfo:
+        info = super().publish(*args, **kwargs)
+        # paho's `_thread`: its network thread, None without loop_start
+        if self.is_connected() and threading.current_thread() is not self._thread:
+            self.loop_write()
+            if self.want_write():
+                self._wake_network_thread()
+        return info
+
+    def _wake_network_thread(self) -> None:
+        # the byte paho's own publish writes to make its network thread look at the socket
+        wake = getattr(self, "_sockpairW", None)
+        if wake is not None:
+            try:
+                wake.send(b"0")
+            except OSError:  # full: a wake-up is pending already; closed: stopping
+                pass
+
+
 class MqttClient:
     """One MQTT 5 connection with a persistent session and manual acknowledgement."""
 
@@ -151,6 +191,10 @@ class MqttClient:
         self.on_connected = on_connected
         self._connected = threading.Event()
         self.max_packet_size: int | None = None  # the broker's, from its last CONNACK (MQTT 5)
+        # QoS 1 messages the broker takes unacknowledged at once (its CONNACK Receive Maximum;
+        # MQTT's default when it names none). paho ignores it and cannot change its own limit on
+        # an open connection, so `publish_many` keeps to it.
+        self.receive_maximum = C.MQTT_RECEIVE_MAXIMUM
         self._lock = threading.Lock()
         self._refused: dict[int, ReasonCode] = {}  # mid -> failure reason of its PUBACK
         # QoS 1 messages paho holds (and resends on every reconnect) that no PUBACK settled yet:
@@ -158,9 +202,9 @@ class MqttClient:
         # was down is left out: paho's info for it never tells when it went; a second copy is
         # harmless, devices dedupe.) Used by the relay's thread only.
         self._in_flight: dict[Outgoing, paho.MQTTMessageInfo] = {}
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+        c = Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                         protocol=paho.MQTTv5, manual_ack=True)
-        c.max_inflight_messages_set(100)
+        c.max_inflight_messages_set(C.MQTT_MAX_IN_FLIGHT)
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(min_delay=1, max_delay=5)
         if cfg.username:
@@ -213,10 +257,25 @@ class MqttClient:
     def publish_many(self, messages: list[Outgoing], timeout: float) -> list[Outcome]:
         """Publish all, then wait for each PUBACK (QoS 0 counts as done once sent).
 
-        A message past the broker's packet limit is refused here, never sent: the broker would
-        drop the connection and paho would send it again on every reconnect, forever. A message
-        paho still holds from an earlier call is waited for, not published again.
+        At most the broker's Receive Maximum go out unacknowledged: past it, the next window
+        waits for the PUBACKs of the one before (a broker may disconnect a client that exceeds
+        it). Those not sent before `timeout` come back False. A message past the broker's packet
+        limit is refused here, never sent: the broker would drop the connection and paho would
+        send it again on every reconnect, forever. A message paho still holds from an earlier
+        call is waited for, not published again.
         """
+        deadline = time.monotonic() + timeout
+        window = max(1, min(self.receive_maximum, C.MQTT_MAX_IN_FLIGHT))
+        outcomes: list[Outcome] = []
+        for start in range(0, len(messages), window):
+            chunk = messages[start : start + window]
+            if start and time.monotonic() >= deadline:
+                outcomes += [False] * len(chunk)
+                continue
+            outcomes += self._publish_window(chunk, deadline)
+        return outcomes
+
+    def _publish_window(self, messages: list[Outgoing], deadline: float) -> list[Outcome]:
         limit = self.packet_limit()
         sent: list[paho.MQTTMessageInfo | Refused] = []
         for m in messages:
@@ -237,7 +296,6 @@ class MqttClient:
             if m.qos and info.rc == paho.MQTT_ERR_SUCCESS:
                 self._in_flight[m] = info
             sent.append(info)
-        deadline = time.monotonic() + timeout
         return [s if isinstance(s, Refused) else self._outcome(m, s, deadline)
                 for m, s in zip(messages, sent)]
 
@@ -264,9 +322,10 @@ class MqttClient:
             return
         no_delay(client)
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
+        self.receive_maximum = getattr(properties, "ReceiveMaximum", C.MQTT_RECEIVE_MAXIMUM)
         log.info("mqtt_connected", host=self.cfg.host, port=self.cfg.port,
                  session_present=getattr(flags, "session_present", None),
-                 max_packet_size=self.max_packet_size)
+                 max_packet_size=self.max_packet_size, receive_maximum=self.receive_maximum)
         for topic in self.subscriptions:
             client.subscribe(topic, qos=1)
         self._connected.set()

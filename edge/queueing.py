@@ -34,52 +34,38 @@ class Enqueued:
     duplicate: bool
 
 
-class Router:
-    """Which queues may take a task's job: its devices' queues, in order, with a live worker."""
-
-    def __init__(self, conn: redis.Redis, config: Config, cache_seconds: float = 1.0) -> None:
-        self.conn, self.config, self.cache_seconds = conn, config, cache_seconds
-        self._alive: dict[str, tuple[float, bool]] = {}
-
-    def alive(self, queue: str) -> bool:
-        """Whether some worker listening to `queue` has sent a heartbeat lately (cached)."""
-        now = time.time()
-        cached = self._alive.get(queue)
-        if cached and now - cached[0] < self.cache_seconds:
-            return cached[1]
-        key = C.ALIVE_KEY.format(queue=queue)
-        alive = bool(self.conn.zcount(key, now - C.ALIVE_WINDOW, "+inf"))
-        self._alive[queue] = (now, alive)
-        return alive
-
-    def live_queues(self, task: str) -> list[str]:
-        """The task's queues, in device order, that some live worker listens to."""
-        return [name for name in (queue_name(task, d) for d in self.config.tasks[task].devices)
-                if self.alive(name)]
-
-
 # One atomic step per job, one round trip: RQ's unique enqueue (rq.scripts'
 # UNIQUE_ENQUEUE_SCRIPT: refuse an existing job hash, write it, set its TTL, push its id), with
-# the routing and the payload folded in. The first candidate queue under the limit takes the job.
+# the routing and the payload folded in. The first candidate queue with a live worker (one that
+# sent a heartbeat in the last ALIVE_WINDOW seconds) and under the limit takes the job.
 _ENQUEUE = """
--- KEYS: job hash, blob, unanswered index, RQ's queue set, candidate queues...
--- ARGV: job id, queue limit, received, blob TTL, job TTL (-1: none), nblob, blob field/values,
---       queue names (one per candidate), job hash field/values
+-- KEYS: job hash, blob, unanswered index, RQ's queue set, then the candidate queues (the task's
+--       devices in order) and, in the same order, their workers' alive sets
+-- ARGV: job id, queue limit, received, blob TTL, job TTL (-1: none), alive since, nblob,
+--       blob field/values, queue names (one per candidate), job hash field/values
+-- Returns the chosen candidate (1-based), 0 for a duplicate, -1 when every live queue is
+-- full, -2 when no candidate has a live worker.
 if redis.call("EXISTS", KEYS[1]) == 1 then return 0 end
-local nq = #KEYS - 4
-local nblob = tonumber(ARGV[6])
-local chosen = nil
+local nq = (#KEYS - 4) / 2
+local nblob = tonumber(ARGV[7])
+local live, chosen = 0, nil
 for i = 1, nq do
-  if redis.call("LLEN", KEYS[4 + i]) < tonumber(ARGV[2]) then chosen = i break end
+  if redis.call("ZCOUNT", KEYS[4 + nq + i], ARGV[6], "+inf") > 0 then
+    live = live + 1
+    if redis.call("LLEN", KEYS[4 + i]) < tonumber(ARGV[2]) then chosen = i break end
+  end
 end
-if chosen == nil then return -1 end
+if chosen == nil then
+  if live > 0 then return -1 end
+  return -2
+end
 redis.call("DEL", KEYS[2])
-redis.call("HSET", KEYS[2], unpack(ARGV, 7, 6 + nblob))
+redis.call("HSET", KEYS[2], unpack(ARGV, 8, 7 + nblob))
 redis.call("EXPIRE", KEYS[2], ARGV[4])
 redis.call("ZADD", KEYS[3], "NX", ARGV[3], ARGV[1])
 redis.call("SADD", KEYS[4], KEYS[4 + chosen])
-redis.call("HSET", KEYS[1], unpack(ARGV, 7 + nblob + nq))
-redis.call("HSET", KEYS[1], "origin", ARGV[6 + nblob + chosen])
+redis.call("HSET", KEYS[1], unpack(ARGV, 8 + nblob + nq))
+redis.call("HSET", KEYS[1], "origin", ARGV[7 + nblob + chosen])
 local ttl = tonumber(ARGV[5])
 if ttl > 0 then redis.call("EXPIRE", KEYS[1], ttl) end
 redis.call("RPUSH", KEYS[4 + chosen], ARGV[1])
@@ -90,13 +76,14 @@ return chosen
 class Enqueuer:
     """Stores a job's inputs as one Redis blob and enqueues its RQ job, once per request id.
 
-    One round trip per job (`_ENQUEUE`): the duplicate check, the choice of queue, the blob, the
-    reaper's index and RQ's own enqueue happen in one Lua step, so no other client ever sees a
-    job without its payload or a payload without its job.
+    One round trip per job (`_ENQUEUE`): the duplicate check, the choice of queue (the task's
+    devices in order, skipping those with no live worker and those full), the blob, the reaper's
+    index and RQ's own enqueue happen in one Lua step, so no other client ever sees a job
+    without its payload or a payload without its job.
     """
 
-    def __init__(self, conn: redis.Redis, config: Config, router: Router) -> None:
-        self.conn, self.config, self.router = conn, config, router
+    def __init__(self, conn: redis.Redis, config: Config) -> None:
+        self.conn, self.config = conn, config
         self._queues: dict[str, Queue] = {}
         self._script = conn.register_script(_ENQUEUE)
 
@@ -120,20 +107,20 @@ class Enqueuer:
         job = Job(key=key, route=sub.route, params=dict(sub.params),
                   blob_key=C.BLOB_KEY.format(job_key=key), received=received,
                   deadline=deadline, batch=sub.batch)
-        queues = [self._queue(name) for name in self.router.live_queues(task)]
-        rq_job = self._rq_job(queues[0] if queues else self._queue(queue_name(task, "-")), job)
+        queues = [self._queue(queue_name(task, d)) for d in tcfg.devices]
+        rq_job = self._rq_job(queues[0], job)
         blob = _blob_fields(sub)
         keys = [rq_job.key, job.blob_key, UNANSWERED_KEY, Queue.redis_queues_keys,
-                *(q.key for q in queues)]
+                *(q.key for q in queues), *(C.ALIVE_KEY.format(queue=q.name) for q in queues)]
         args = [key, tcfg.queue_limit, received, self.config.blob_ttl,
-                rq_job.ttl if rq_job.ttl is not None else -1, len(blob), *blob,
-                *(q.name for q in queues), *_hash_fields(rq_job)]
+                rq_job.ttl if rq_job.ttl is not None else -1, time.time() - C.ALIVE_WINDOW,
+                len(blob), *blob, *(q.name for q in queues), *_hash_fields(rq_job)]
         chosen = self._script(keys=keys, args=args)
         if chosen == 0:
             return Enqueued(job, "", duplicate=True)
         if chosen > 0:
             return Enqueued(job, queues[chosen - 1].name, duplicate=False)
-        if queues:
+        if chosen == -1:
             raise Busy(f"every {task} queue is full; try again later")
         raise ModelUnavailable(f"no worker serves {task} on this gateway now")
 

@@ -235,10 +235,13 @@ HOLD = -1  # a script step: no PUBACK until `release()`
 
 class ScriptedBroker:
     """Speaks just enough MQTT 5 for one client: CONNACK, PINGRESP and a PUBACK per PUBLISH
-    whose reason code comes from `script[request id]` (one per attempt, then success)."""
+    whose reason code comes from `script[request id]` (one per attempt, then success). With
+    `receive_maximum`, its CONNACK announces that Receive Maximum."""
 
-    def __init__(self, script: dict[str, list[int]]) -> None:
+    def __init__(self, script: dict[str, list[int]], receive_maximum: int | None = None) -> None:
         self.script = {k: list(v) for k, v in script.items()}
+        self.receive_maximum = receive_maximum
+        self.unacked = self.peak_unacked = 0  # PUBLISH packets not yet answered by a PUBACK
         self.published: list[tuple[str, bytes, int, float]] = []  # topic, payload, reason, at
         self.held: list[tuple[socket.socket, bytes]] = []
         self.server = socket.create_server(("127.0.0.1", 0))
@@ -250,6 +253,7 @@ class ScriptedBroker:
         """Send the PUBACKs held back so far (success)."""
         with self.lock:
             held, self.held = self.held, []
+            self.unacked -= len(held)
         for sock, puback in held:
             sock.sendall(puback)
 
@@ -278,15 +282,19 @@ class ScriptedBroker:
                 body = stream.read(_varint(stream))
                 kind = head[0] >> 4
                 if kind == 1:  # CONNECT
-                    sock.sendall(bytes([0x20, 3, 0, 0, 0]))
+                    sock.sendall(self._connack())
                 elif kind == 12:  # PINGREQ
                     sock.sendall(bytes([0xD0, 0]))
                 elif kind == 3:  # PUBLISH (QoS 1)
                     puback, hold = self._puback(head[0], body)
-                    if hold:
-                        with self.lock:
+                    with self.lock:
+                        self.unacked += 1
+                        self.peak_unacked = max(self.peak_unacked, self.unacked)
+                        if hold:
                             self.held.append((sock, puback))
-                    else:
+                        else:
+                            self.unacked -= 1
+                    if not hold:
                         sock.sendall(puback)
                 elif kind == 14:  # DISCONNECT
                     return
@@ -294,6 +302,12 @@ class ScriptedBroker:
             return
         finally:
             sock.close()
+
+    def _connack(self) -> bytes:
+        if self.receive_maximum is None:
+            return bytes([0x20, 3, 0, 0, 0])
+        props = bytes([0x21]) + struct.pack("!H", self.receive_maximum)  # Receive Maximum
+        return bytes([0x20, 3 + len(props), 0, 0, len(props)]) + props
 
     def _puback(self, flags: int, body: bytes) -> tuple[bytes, bool]:
         n = struct.unpack("!H", body[:2])[0]
@@ -336,8 +350,8 @@ def _varint_bytes(data: bytes, at: int) -> tuple[int, int]:
 def scripted():
     made = []
 
-    def start(script: dict[str, list[int]]) -> ScriptedBroker:
-        made.append(ScriptedBroker(script))
+    def start(script: dict[str, list[int]], **kwargs) -> ScriptedBroker:
+        made.append(ScriptedBroker(script, **kwargs))
         return made[-1]
 
     yield start
@@ -409,6 +423,21 @@ def test_an_answer_waiting_for_its_puback_is_not_queued_twice(scripted, agent):
     assert len(server.attempts("slow")) == 1
     assert client.publish_many([msg], timeout=5) == [True]  # settled: a new message
     assert len(server.attempts("slow")) == 2
+
+
+def test_no_more_than_the_brokers_receive_maximum_go_out_unacknowledged(scripted, agent):
+    """paho ignores the Receive Maximum a broker announces (a broker may disconnect a client
+    past it): the relay's publishes keep to it, a window at a time."""
+    server = scripted({"w0": [HOLD], "w1": [HOLD]}, receive_maximum=2)
+    client = agent(server.port)
+    assert client.receive_maximum == 2
+    msgs = [render(envelope_answer("dev", f"w{i}", b"png")) for i in range(5)]
+    assert client.publish_many(msgs, timeout=0.5) == [False] * 5
+    assert [len(server.attempts(f"w{i}")) for i in range(5)] == [1, 1, 0, 0, 0]
+    server.release()
+    assert client.publish_many(msgs, timeout=5) == [True] * 5
+    assert [len(server.attempts(f"w{i}")) for i in range(5)] == [1, 1, 1, 1, 1]
+    assert server.peak_unacked == 2
 
 
 class Refusing:
