@@ -87,3 +87,35 @@ def test_ids_outside_the_vocabulary_are_a_bad_request(handler, ids):
 def test_mixed_ids_are_a_bad_request(handler):
     with pytest.raises(BadRequest, match="list of ints"):
         run(handler, "detokenize", ids=(1, (2, 3)))
+
+
+class _Port:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def get_names(self) -> set[str]:
+        return {self.name}
+
+
+class _Outputs(dict):
+    """An infer result: ports as keys, readable by name too (as OpenVINO's)."""
+
+    def __init__(self, **arrays) -> None:
+        super().__init__({_Port(k): v for k, v in arrays.items()})
+        self._by_name = arrays
+
+    def __getitem__(self, key):
+        return self._by_name[key]
+
+
+def test_rows_read_both_output_forms():
+    """Bundles prepared since recipe 5 give ragged ids; older ones padded ids and a mask."""
+    import numpy as np
+
+    from workers.tokenize.pipeline import _rows
+
+    ragged = _Outputs(row_begins=np.array([0, 3, 3]), row_ends=np.array([3, 3, 5]),
+                      ids=np.array([7, 8, 9, 1, 2]))
+    padded = _Outputs(input_ids=np.array([[7, 8, 9], [0, 0, 0], [1, 2, 0]]),
+                      attention_mask=np.array([[1, 1, 1], [0, 0, 0], [1, 1, 0]]))
+    assert _rows(ragged) == _rows(padded) == [[7, 8, 9], [], [1, 2]]

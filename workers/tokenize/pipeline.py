@@ -25,12 +25,13 @@ from workers.api import BundleLike, DeviceSettings, read_ir
 _PAD_ID = -1
 
 
+# Private use (Unicode category Co: these three ranges in every Unicode version) and U+FFFD
+_BERT_DROPPED = re.compile("[\ue000-\uf8ff\U000f0000-\U000ffffd\U00100000-\U0010fffd\ufffd]+")
+
+
 def _bert_clean(text: str) -> str:
-    # HF's BERT normalizer drops private-use characters (Unicode Co) and U+FFFD; the IR maps
-    # them to [UNK]
-    if text.isascii():
-        return text
-    return "".join(c for c in text if c != "\ufffd" and unicodedata.category(c) != "Co")
+    # HF's BERT normalizer drops private-use characters and U+FFFD; the IR maps them to [UNK]
+    return text if text.isascii() else _BERT_DROPPED.sub("", text)
 
 
 def _nfc(text: str) -> str:
@@ -186,9 +187,7 @@ class TokenizerPipeline:
         prepared = [self._prepare(t, steps) for t in texts]
         # share_*: the packed arrays are ours, and the outputs are copied out before the next call
         out = request.infer(_pack(prepared), share_inputs=True, share_outputs=True)
-        # rows are right-padded: each keeps its first mask.sum() ids (one tolist for the batch)
-        lengths = out["attention_mask"].sum(axis=1).tolist()
-        rows = [row[:n] for row, n in zip(out["input_ids"].tolist(), lengths)]
+        rows = _rows(out)
         if self.settings.suffix_ids and self._specials is not None:
             rows = [self._drop_suffix(row) if self._specials.search(text) else row
                     for row, text in zip(rows, texts)]
@@ -236,6 +235,18 @@ class TokenizerPipeline:
                 i += n
             i += 1
         return out
+
+
+def _rows(out: Any) -> list[list[int]]:
+    """The id list of each text from a tokenizer's outputs: ragged (row_begins, row_ends, flat
+    ids: prepared since recipe version 5) or right-padded with an attention mask (older)."""
+    names = {name for port in out.keys() for name in port.get_names()}
+    if "ids" in names:
+        flat = out["ids"].tolist()
+        return [flat[b:e] for b, e in zip(out["row_begins"].tolist(), out["row_ends"].tolist())]
+    # each padded row keeps its first mask.sum() ids (one tolist for the batch)
+    lengths = out["attention_mask"].sum(axis=1).tolist()
+    return [row[:n] for row, n in zip(out["input_ids"].tolist(), lengths)]
 
 
 def _apply(steps: Sequence[Callable[[str], str]], text: str) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 
 from workers.prepared import building
 
-VERSION = "4"
+VERSION = "5"
 
 # The files every folder holds, keyed by the setting they serve ("1" = True, "0" = False).
 TOKENIZER_FILES = {True: "tokenizer_special.xml", False: "tokenizer_plain.xml"}
@@ -242,6 +242,28 @@ def _bytes_input(model: Any) -> Any:
     return model
 
 
+def _ragged_output(model: Any) -> Any:
+    """Output the ids unpadded: one flat `ids` tensor, and where each row begins and ends in it.
+
+    The padded form costs a row of the longest text's width for every text (64 short texts
+    and one long one: 64 long rows to make and to read back), and the pipeline unpads anyway.
+    """
+    from openvino import opset13 as ops
+
+    (dense,) = _ops_of(model, "RaggedToDense")
+    old = list(model.get_results())
+    new = []
+    for i, name in enumerate(("row_begins", "row_ends", "ids")):
+        result = ops.result(dense.input(i).get_source_output())
+        result.output(0).set_names({name})
+        new.append(result)
+    model.add_results(new)
+    for result in old:
+        model.remove_result(result)
+    model.validate_nodes_and_infer_types()
+    return model
+
+
 def _bytes_output(model: Any) -> Any:
     """Replace the string output with begins, ends and UTF-8 chars (NULs survive, as above)."""
     from openvino import opset13 as ops
@@ -293,7 +315,7 @@ def _convert(source: Source, out: Path) -> None:
         model = convert_tokenizer(hf, add_special_tokens=add, **extra)
         if "lower" in source.preprocess:
             _drop_case_fold(model)
-        ov.save_model(_bytes_input(model), out / xml)
+        ov.save_model(_ragged_output(_bytes_input(model)), out / xml)
         if source.ascii_preprocess:
             ov.save_model(cut_normalization(model), out / ASCII_TOKENIZER_FILES[add])
     for skip, xml in DETOKENIZER_FILES.items():
