@@ -21,7 +21,7 @@ from edge import metrics, sdnotify
 from edge.config import Config
 from edge.errors import EdgeError, Internal
 from edge.jobs import Answer
-from edge.mqtt import MqttClient
+from edge.mqtt import MqttClient, Refused
 from edge.outbox import Outbox, OutboxRelay
 from edge.protocol import Outgoing, Properties, Rejected, error_answer, parse
 from edge.queueing import Enqueuer
@@ -30,6 +30,8 @@ from edge.redisconn import connect
 from edge.status import node_status
 
 log = structlog.get_logger("edge.agent")
+
+STATUS_PUBACK_WAIT = 5.0  # s the status loop waits to learn whether the broker took it
 
 
 class Agent:
@@ -135,7 +137,10 @@ class Agent:
         doc.update(metrics.observe_status(doc, self.conn))
         msg = Outgoing(self.status_topic, json.dumps(doc).encode(), 1,
                        Properties(content_type="application/json"))
-        self.mqtt.publish(msg, retain=True)
+        outcome = self.mqtt.publish_once(msg, timeout=STATUS_PUBACK_WAIT, retain=True)
+        if isinstance(outcome, Refused):  # e.g. an ACL that does not let the agent write it
+            log.warning("status_refused", topic=self.status_topic, reason=outcome.reason,
+                        detail=outcome.detail)
 
     def _status_loop(self) -> None:
         while not self._stop.is_set():

@@ -275,6 +275,18 @@ class MqttClient:
             outcomes += self._publish_window(chunk, deadline)
         return outcomes
 
+    def publish_once(self, msg: Outgoing, timeout: float, retain: bool = False) -> Outcome:
+        """Publish one message (retained if asked) and wait for its PUBACK: True, False (none
+        in time) or a `Refused` (paho's `publish` alone reports a refusal to no one)."""
+        size = publish_packet_size(msg)
+        if size > self.packet_limit():
+            return Refused(PACKET_TOO_LARGE, f"{size} bytes as an MQTT packet; the broker "
+                                             f"accepts at most {self.packet_limit()}")
+        info = self.publish(msg, retain=retain)
+        if not msg.qos:
+            return True
+        return self._outcome(msg, info, time.monotonic() + timeout)
+
     def _publish_window(self, messages: list[Outgoing], deadline: float) -> list[Outcome]:
         limit = self.packet_limit()
         sent: list[paho.MQTTMessageInfo | Refused] = []

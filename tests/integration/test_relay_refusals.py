@@ -23,10 +23,10 @@ from edge import outbox as outbox_module
 from edge.config import MqttConfig
 from edge.jobs import Answer, Route
 from edge.metrics import REGISTRY
-from edge.mqtt import (PAYLOAD_FORMAT_INVALID, QUOTA_EXCEEDED, MqttClient, Refused,
-                       publish_packet_size)
+from edge.mqtt import (NOT_AUTHORIZED, PAYLOAD_FORMAT_INVALID, QUOTA_EXCEEDED, MqttClient,
+                       Refused, publish_packet_size)
 from edge.outbox import Outbox, OutboxRelay
-from edge.protocol import render, result_body
+from edge.protocol import Outgoing, render, result_body
 
 pytestmark = pytest.mark.integration
 
@@ -438,6 +438,16 @@ def test_no_more_than_the_brokers_receive_maximum_go_out_unacknowledged(scripted
     assert client.publish_many(msgs, timeout=5) == [True] * 5
     assert [len(server.attempts(f"w{i}")) for i in range(5)] == [1, 1, 1, 1, 1]
     assert server.peak_unacked == 2
+
+
+def test_a_single_publish_reports_its_refusal(scripted, agent):
+    """`publish_once` (the agent's retained status): a refusing PUBACK is reported, not lost."""
+    server = scripted({"gw-1": [NOT_AUTHORIZED]})
+    client = agent(server.port)
+    status = Outgoing("edge/status/gw-1", b"{}", 1)
+    refused = client.publish_once(status, timeout=5, retain=True)
+    assert isinstance(refused, Refused) and refused.reason == NOT_AUTHORIZED
+    assert client.publish_once(status, timeout=5, retain=True) is True  # the next one passes
 
 
 class Refusing:
