@@ -100,6 +100,14 @@ def test_jpeg_and_webp_answers(handler, fmt, content_type):
     assert decode(response.media[0].data).shape == (64, 80, 3)
 
 
+@pytest.mark.parametrize("quality", [70, 90, 95])
+def test_jpeg_answers_subsample_chroma_at_every_quality(handler, quality):
+    """4:2:0 as most encoders do (libvips alone would switch it off from Q90 up)."""
+    response = handler(request(png(photo(16, 20)), format="jpeg", quality=quality), no_progress)
+    image = pyvips.Image.new_from_buffer(response.media[0].data, "")
+    assert image.get("jpeg-chroma-subsample").startswith("4:2:0")
+
+
 def test_png_compression_changes_bytes_not_pixels(handler):
     image = png(photo(40, 60))
     stored = handler(request(image, compression=0), no_progress).media[0].data
