@@ -36,7 +36,10 @@ def _bert_clean(text: str) -> str:
 
 def _nfc(text: str) -> str:
     # The IR's NFC and Python's agree with HF on more inputs than the IR's own normalizer does
-    return text if text.isascii() else unicodedata.normalize("NFC", text)
+    # is_normalized first: ten times cheaper than normalize on text that is NFC already
+    if text.isascii() or unicodedata.is_normalized("NFC", text):
+        return text
+    return unicodedata.normalize("NFC", text)
 
 
 def _lower(text: str) -> str:
