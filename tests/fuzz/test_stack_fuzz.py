@@ -101,7 +101,7 @@ def test_generated_messages_through_the_stack_are_each_answered(tmp_path, tokeni
         dev = d.device(DEVICE, session_expiry=3600)
         sender = Sender(d.broker.port)
         try:
-            sent, t0 = 0, time.monotonic()
+            sent = 0
             for topic, payload, props in messages:
                 if sent == SAMPLE:
                     break

@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-import redis
 
 from edge.jobs import Answer, Route
 from edge.outbox import Outbox, OutboxRelay
@@ -48,14 +47,6 @@ class FakeBroker:
 def _answer(rid: str) -> Answer:
     route = Route("dev", rid, "superres", "envelope", f"edge/results/dev/{rid}")
     return Answer(route, "result", result_body(route, result={"n": 1}), (("image/png", b"x"),))
-
-
-@pytest.fixture
-def conn(redis_server):
-    c = redis.Redis.from_url(redis_server.url)
-    c.flushdb()
-    yield c
-    c.flushdb()
 
 
 def _run(relay: OutboxRelay, seconds: float) -> None:

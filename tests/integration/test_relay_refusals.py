@@ -35,14 +35,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def conn(redis_server):
-    c = redis.Redis.from_url(redis_server.url)
-    c.flushdb()
-    yield c
-    c.flushdb()
-
-
-@pytest.fixture
 def device(spy):
     """`device(port)`: a subscriber to every answer; returns the queue of (topic, payload)."""
     return lambda port: spy(port, "edge/results/#")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import redis
 from redis.connection import Connection
 from rq import Queue
 from rq.serializers import JSONSerializer
@@ -24,14 +23,6 @@ from workers import worker as worker_module
 from workers.worker import EdgeWorker
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def conn(redis_server):
-    c = redis.Redis.from_url(redis_server.url)
-    c.flushdb()
-    yield c
-    c.flushdb()
 
 
 def _job(request_id: str) -> Job:
