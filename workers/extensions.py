@@ -44,7 +44,7 @@ import threading
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import structlog
 
@@ -99,6 +99,7 @@ class Extensions:
         self.core, self.device = core, device
         self._libraries: set[bytes] = set()
         self._gpu_config: tuple[str, str] | None = None  # (bundle, config path in the RAM dir)
+        self.kernel_files: set[str] = set()  # every file of the RAM dir this Core's models use
 
     def apply(self, bundle: Any) -> None:
         """Add what `bundle` carries to the Core; ExtensionError says why it cannot be."""
@@ -130,15 +131,18 @@ class Extensions:
         for name in spec.gpu_files:
             data = bundle.read(name)
             try:
-                kernels[name] = os.path.basename(kernel_file(name, data))
+                path = kernel_file(name, data)
             finally:
                 _wipe(data)
+            self.kernel_files.add(path)
+            kernels[name] = os.path.basename(path)
         xml = bundle.read(spec.gpu_config)
         try:
             text = gpu_config_text(bytes(xml), kernels, spec.gpu_config)
         finally:
             _wipe(xml)
         path = kernel_file(spec.gpu_config, text)
+        self.kernel_files.add(path)
         if self._gpu_config is not None:
             if self._gpu_config[1] == path:  # the same kernels again (a task's load retried)
                 return
@@ -216,6 +220,21 @@ def kernel_file(name: str, data: bytes | bytearray) -> str:
                                      f"{state['path']}: {exc.strerror}") from exc
             state["files"][digest] = path
         return path
+
+
+def prune_kernel_files(keep: Collection[str]) -> list[str]:
+    """Remove the kernel files not in `keep` (after a reload swapped in models that use other
+    kernels: the old ones were read when the old models compiled); returns what was removed."""
+    with _lock:
+        files = _kernel_dir.get("files", {})
+        gone = {digest: path for digest, path in files.items() if path not in keep}
+        for digest, path in gone.items():
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            del files[digest]
+    return sorted(gone.values())
 
 
 def remove_kernel_dir() -> None:

@@ -39,6 +39,7 @@ class ModelSet:
     models: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     load_seconds: Mapping[str, float] = field(default_factory=dict)
     broken: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # bundle task->name->why
+    kernel_files: frozenset[str] = frozenset()  # GPU kernel files (RAM dir) these models use
 
     def broken_reason(self, task: str, model: Any) -> str | None:
         """Why model `model` of job task `task` is not served, if its bundle is broken."""
@@ -82,7 +83,8 @@ def load_models(tasks: Sequence[str], bundle_dir: Path, ring: Any, core: Any,
             models[task] = tuple(sorted(b.name for b in by_task.get(bundle_task, [])
                                         if b.name not in broken.get(bundle_task, {})))
     return ModelSet(handlers, unavailable, models, seconds,
-                    {t: dict(names) for t, names in broken.items() if names})
+                    {t: dict(names) for t, names in broken.items() if names},
+                    frozenset(extensions.kernel_files))
 
 
 class _BrokenBundle(Exception):

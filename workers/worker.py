@@ -30,6 +30,7 @@ from edge.config import Config
 from edge.queueing import queue_name
 from workers import jobs
 from workers.api import DeviceSettings
+from workers.extensions import prune_kernel_files
 from workers.model_store import ModelSet, load_models
 
 log = structlog.get_logger("workers.worker")
@@ -205,6 +206,9 @@ class Reloader:
                 sdnotify.ready("reload failed; serving the old models")
                 return False
             self.runtime.models = models
+            removed = prune_kernel_files(models.kernel_files)
+            if removed:
+                log.info("gpu_kernel_files_removed", files=removed, note="no model uses them now")
             metrics.observe_models(self.device, dict(models.load_seconds), list(models.handlers))
             sdnotify.ready(f"reloaded; serving {', '.join(models.handlers)}")
             log.info("reload_done", models={t: list(m) for t, m in models.models.items()},

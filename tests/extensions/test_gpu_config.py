@@ -222,6 +222,35 @@ def test_reload_with_the_same_kernels_reuses_their_files(gpu_bundle, ring, extte
     assert len(os.listdir(os.path.dirname(_config_file(second)))) == 2
 
 
+def test_reload_with_changed_kernels_removes_the_old_files(gpu_bundle, ring, exttest_task,
+                                                           monkeypatch):
+    """The worker's reload swaps in models compiled with new kernels, then removes the files
+    only the old models used (they were read when those compiled)."""
+    from workers import jobs, worker
+
+    exttest_task["compile"] = False
+    root = gpu_bundle()
+    first = RecordingCore()
+    old_models = _load(root, ring, first, "GPU")
+    shutil.rmtree(root)
+    gpu_bundle(extra={"kernels/add_one.cl": KERNEL.replace(b"1.0f", b"2.0f")})
+    second = RecordingCore()
+    new_models = _load(root, ring, second, "GPU")
+    kernel_dir = os.path.dirname(_config_file(second))
+    assert len(os.listdir(kernel_dir)) == 4 and old_models.kernel_files.isdisjoint(
+        new_models.kernel_files)
+
+    monkeypatch.setattr(worker, "load_ring", lambda config: ring)
+    monkeypatch.setattr(worker, "build_models", lambda config, device, ring: new_models)
+    runtime = jobs.Runtime("w", "GPU", old_models)
+    assert worker.Reloader(None, "GPU", runtime).reload()
+
+    assert runtime.models is new_models
+    assert sorted(os.path.join(kernel_dir, f) for f in os.listdir(kernel_dir)) == sorted(
+        new_models.kernel_files)
+    assert os.path.exists(_config_file(second)) and not os.path.exists(_config_file(first))
+
+
 def test_clean_up_removes_the_kernel_files_and_their_directory(gpu_bundle, ring, exttest_task):
     exttest_task["compile"] = False
     core = RecordingCore()
