@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -148,7 +149,8 @@ class Client(paho.Client):
     written in parts is finished before the next one starts; what a full socket buffer leaves
     over is paho's network thread's to write, and it is woken for it (it may have gone to
     sleep while the packet was out of its queue, in our hands). Publishes made inside paho's
-    callbacks are left to paho, as before.
+    callbacks are left to paho, as before, and so is every write over TLS: an SSL connection
+    must not be written by one thread while another reads it.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -162,7 +164,8 @@ class Client(paho.Client):
     def publish(self, *args, **kwargs) -> paho.MQTTMessageInfo:
         info = super().publish(*args, **kwargs)
         # paho's `_thread`: its network thread, None without loop_start
-        if self.is_connected() and threading.current_thread() is not self._thread:
+        if (self.is_connected() and threading.current_thread() is not self._thread
+                and writes_directly(self.socket())):
             self.loop_write()
             if self.want_write():
                 self._wake_network_thread()
@@ -176,6 +179,12 @@ class Client(paho.Client):
                 wake.send(b"0")
             except OSError:  # full: a wake-up is pending already; closed: stopping
                 pass
+
+
+def writes_directly(sock: object) -> bool:
+    """Whether a publishing thread may write to `sock` itself: a plain TCP socket, not TLS (an
+    SSL object is not safe to write from one thread while another reads) nor a websocket."""
+    return isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket)
 
 
 class MqttClient:

@@ -60,3 +60,20 @@ def test_big_packets_from_three_threads_arrive_whole(broker, spy):
         assert client.is_connected()  # never dropped for a malformed packet
     finally:
         client.stop()
+
+
+def test_tls_and_other_transports_are_left_to_pahos_thread():
+    import ssl
+
+    from edge.mqtt import writes_directly
+
+    plain = socket.socket()
+    tls = ssl.create_default_context().wrap_socket(socket.socket(), server_hostname="gateway",
+                                                   do_handshake_on_connect=False)
+    try:
+        assert writes_directly(plain)
+        assert not writes_directly(tls)
+        assert not writes_directly(None) and not writes_directly(object())  # e.g. a websocket
+    finally:
+        plain.close()
+        tls.close()
