@@ -164,7 +164,8 @@ class Client(paho.Client):
     def publish(self, *args, **kwargs) -> paho.MQTTMessageInfo:
         info = super().publish(*args, **kwargs)
         # paho's `_thread`: its network thread, None without loop_start
-        if (self.is_connected() and threading.current_thread() is not self._thread
+        if (self.is_connected()
+                and threading.current_thread() is not getattr(self, "_thread", None)
                 and writes_directly(self.socket())):
             self.loop_write()
             if self.want_write():
