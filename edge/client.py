@@ -71,8 +71,8 @@ class DeviceClient:
     def __post_init__(self) -> None:
         suffix = "" if self.session_expiry else f"-{uuid.uuid4().hex[:8]}"
         self.client = Client(CallbackAPIVersion.VERSION2,
-                                  client_id=f"{self.device_id}{suffix}", protocol=self.protocol,
-                                  clean_session=None if self.protocol == paho.MQTTv5 else True)
+                             client_id=f"{self.device_id}{suffix}", protocol=self.protocol,
+                             clean_session=None if self.protocol == paho.MQTTv5 else True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=2)
         if self.username:
             self.client.username_pw_set(self.username, self.password)

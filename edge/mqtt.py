@@ -212,8 +212,8 @@ class MqttClient:
         # was down is left out: paho's info for it never tells when it went; a second copy is
         # harmless, devices dedupe.) Used by the relay's thread only.
         self._in_flight: dict[Outgoing, paho.MQTTMessageInfo] = {}
-        c = Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                        protocol=paho.MQTTv5, manual_ack=True)
+        c = Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
+                   manual_ack=True)
         c.max_inflight_messages_set(C.MQTT_MAX_IN_FLIGHT)
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(min_delay=1, max_delay=5)
@@ -288,27 +288,24 @@ class MqttClient:
     def publish_once(self, msg: Outgoing, timeout: float, retain: bool = False) -> Outcome:
         """Publish one message (retained if asked) and wait for its PUBACK: True, False (none
         in time) or a `Refused` (paho's `publish` alone reports a refusal to no one)."""
-        size = publish_packet_size(msg)
-        if size > self.packet_limit():
-            return Refused(PACKET_TOO_LARGE, f"{size} bytes as an MQTT packet; the broker "
-                                             f"accepts at most {self.packet_limit()}")
+        too_large = self._too_large(msg)
+        if too_large is not None:
+            return too_large
         info = self.publish(msg, retain=retain)
         if not msg.qos:
             return True
         return self._outcome(msg, info, time.monotonic() + timeout)
 
     def _publish_window(self, messages: list[Outgoing], deadline: float) -> list[Outcome]:
-        limit = self.packet_limit()
         sent: list[paho.MQTTMessageInfo | Refused] = []
         for m in messages:
             held = self._in_flight.get(m) if m.qos else None
             if held is not None:
                 sent.append(held)
                 continue
-            size = publish_packet_size(m)
-            if size > limit:
-                sent.append(Refused(PACKET_TOO_LARGE, f"{size} bytes as an MQTT packet; the "
-                                                      f"broker accepts at most {limit}"))
+            too_large = self._too_large(m)
+            if too_large is not None:
+                sent.append(too_large)
                 continue
             try:
                 info = self.publish(m)
@@ -320,6 +317,14 @@ class MqttClient:
             sent.append(info)
         return [s if isinstance(s, Refused) else self._outcome(m, s, deadline)
                 for m, s in zip(messages, sent)]
+
+    def _too_large(self, msg: Outgoing) -> Refused | None:
+        """The refusal of a message past the broker's packet limit (never sent), else None."""
+        size, limit = publish_packet_size(msg), self.packet_limit()
+        if size <= limit:
+            return None
+        return Refused(PACKET_TOO_LARGE, f"{size} bytes as an MQTT packet; the broker accepts "
+                                         f"at most {limit}")
 
     def _outcome(self, msg: Outgoing, info: paho.MQTTMessageInfo, deadline: float) -> Outcome:
         try:
