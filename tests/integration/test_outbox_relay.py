@@ -10,13 +10,14 @@ import pytest
 from edge.jobs import Answer, Route
 from edge.outbox import Outbox, OutboxRelay
 from edge.protocol import Outgoing, result_body
+from tests.integration.fakes import FakePublisher
 from workers.api import Media, Response
 from workers.jobs import check_answer_size
 
 pytestmark = pytest.mark.integration
 
 
-class FakeBroker:
+class FakeBroker(FakePublisher):
     """Acknowledges every message except media answers to the ids in `refuse` (paho refuses
     them, as it would a payload past MQTT's limit) and anything to `drop` (never acknowledged:
     a transient failure)."""
@@ -26,22 +27,14 @@ class FakeBroker:
         self.sent: list[Outgoing] = []
         self.lock = threading.Lock()
 
-    def is_connected(self) -> bool:
+    def outcome(self, message, request_id):
+        if request_id in self.refuse and b'"media"' in message.payload:
+            return None
+        if request_id in self.drop:
+            return False
+        with self.lock:
+            self.sent.append(message)
         return True
-
-    def publish_many(self, messages, timeout):
-        out = []
-        for m in messages:
-            rid = m.topic.rsplit("/", 1)[-1]
-            if rid in self.refuse and b'"media"' in m.payload:
-                out.append(None)
-            elif rid in self.drop:
-                out.append(False)
-            else:
-                with self.lock:
-                    self.sent.append(m)
-                out.append(True)
-        return out
 
 
 def _answer(rid: str) -> Answer:

@@ -27,6 +27,7 @@ from edge.mqtt import (NOT_AUTHORIZED, PAYLOAD_FORMAT_INVALID, QUOTA_EXCEEDED, M
                        Refused, publish_packet_size)
 from edge.outbox import Outbox, OutboxRelay
 from edge.protocol import Outgoing, render, result_body
+from tests.integration.fakes import FakePublisher
 
 pytestmark = pytest.mark.integration
 
@@ -442,7 +443,7 @@ def test_a_single_publish_reports_its_refusal(scripted, agent):
     assert client.publish_once(status, timeout=5, retain=True) is True  # the next one passes
 
 
-class Refusing:
+class Refusing(FakePublisher):
     """A publisher whose broker refuses answers to `refuse` with quota exceeded, every time,
     and takes the others from their second attempt on."""
 
@@ -451,22 +452,14 @@ class Refusing:
         self.tries: dict[str, int] = {}
         self.delivered: list[str] = []
 
-    def is_connected(self) -> bool:
+    def outcome(self, message, request_id):
+        self.tries[request_id] = self.tries.get(request_id, 0) + 1
+        if request_id in self.refuse:
+            return Refused(QUOTA_EXCEEDED, "quota exceeded")
+        if self.tries[request_id] == 1:
+            return False
+        self.delivered.append(request_id)
         return True
-
-    def publish_many(self, messages, timeout):
-        out = []
-        for m in messages:
-            rid = m.topic.rsplit("/", 1)[-1]
-            self.tries[rid] = self.tries.get(rid, 0) + 1
-            if rid in self.refuse:
-                out.append(Refused(QUOTA_EXCEEDED, "quota exceeded"))
-            elif self.tries[rid] == 1:
-                out.append(False)
-            else:
-                self.delivered.append(rid)
-                out.append(True)
-        return out
 
 
 def test_answers_kept_for_a_retry_behind_a_batch_of_refused_ones_are_still_sent(
