@@ -96,7 +96,7 @@ def _resolve_keys(parser: argparse.ArgumentParser):
 
         return _load(config)
 
-    return config.keyring.file, load_ring, config.bundle_dir
+    return config.keyring.file, load_ring, config.bundle_dir, config.keyring.signer
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:

@@ -2,7 +2,8 @@
 
 `add_subcommands(subparsers, resolve)` registers them; each command's handler is set as
 `func` (and `keys_func`) on its parser and returns an exit code. `resolve(args)` (or
-`resolve()`) gives `(keyring_path, load_ring, bundle_dir)` from the config. Never prints keys.
+`resolve()`) gives `(keyring_path, load_ring, bundle_dir, pinned_signer_path)` from the
+config. Never prints secret keys (a signing key's *public* half is printed to be pinned).
 """
 
 from __future__ import annotations
@@ -20,15 +21,16 @@ from keys.keyring import Keyring
 from keys.legacy import import_openssl
 from keys.rotation import (bundles_needing, file_key_ids, rewrap_bundle,
                            rotate_keyring)
-from keys.sealed import load_private_key, load_public_key, write_identity
+from keys.sealed import MAX_SEALED, load_private_key, load_public_key, write_identity
+from keys.signer import fingerprint, load_pinned, load_signing_key, public_pem, write_signer
 
-Resolved = tuple[Path | None, Callable[[], Keyring], Path]
+Resolved = tuple[Path | None, Callable[[], Keyring], Path, Path | None]
 Resolve = Callable[..., Resolved]
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction, resolve: Resolve) -> None:
-    """Register `keys generate|rotate|rewrap|retire|ls|identity|seal|unseal` and
-    `bundle pack|verify|ls|import-openssl`."""
+    """Register `keys generate|rotate|rewrap|retire|ls|identity|signer generate|seal|unseal`
+    and `bundle pack|verify|ls|import-openssl`."""
     keys = subparsers.add_parser("keys", help="keyring: generate, rotate, retire, list")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
     p = ksub.add_parser("generate", help="write a new keyring (refuses to overwrite)")
@@ -45,14 +47,26 @@ def add_subcommands(subparsers: argparse._SubParsersAction, resolve: Resolve) ->
     p = ksub.add_parser("identity", help="new X25519 key pair for a gateway (OUT and OUT.pub)")
     p.add_argument("--out", type=Path, required=True, help="private key file (written 0600)")
     _bind(p, resolve, _identity)
-    p = ksub.add_parser("seal", help="seal the keyring to one gateway's public key")
+    signer = ksub.add_parser("signer", help="the fleet signing key that sealed rings carry")
+    ssub = signer.add_subparsers(dest="signer_command", required=True)
+    p = ssub.add_parser("generate", help="new Ed25519 fleet signing key (OUT and OUT.pub)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="private key file (written 0600; stays on the key host)")
+    _bind(p, resolve, _signer_generate)
+    p = ksub.add_parser("seal", help="seal the keyring to one gateway's public key, signed")
     p.add_argument("--recipient", type=Path, required=True, help="the gateway's OUT.pub")
+    p.add_argument("--sign-key", type=Path, required=True,
+                   help="the fleet signing key (from `keys signer generate`)")
     p.add_argument("--out", type=Path, required=True)
     _bind(p, resolve, _seal)
-    p = ksub.add_parser("unseal", help="install a sealed keyring as this gateway's key file")
+    p = ksub.add_parser("unseal", help="verify a sealed keyring's signature against the pinned "
+                        "fleet signer, then install it as this gateway's key file")
     p.add_argument("sealed", type=Path)
     p.add_argument("--identity", type=Path, required=True, help="this gateway's private key")
     p.add_argument("--out", type=Path, help="key file (default: the configured one)")
+    p.add_argument("--allow-unsigned", action="store_true",
+                   help="development only: install a ring without a pinned signer's signature "
+                        "(unsigned format-1 rings, or no `[keyring] signer` configured)")
     _bind(p, resolve, _unseal)
 
     bundle = subparsers.add_parser("bundle", help="encrypted model bundles")
@@ -142,15 +156,48 @@ def _identity(args: argparse.Namespace, resolved: Resolved) -> int:
     return 0
 
 
-def _seal(args: argparse.Namespace, resolved: Resolved) -> int:
-    sealed = resolved[1]().seal_for(load_public_key(args.recipient))
-    args.out.write_bytes(sealed)  # safe to store and send: only the recipient opens it
-    print(f"sealed the keyring for {args.recipient} into {args.out}")
+def _signer_generate(args: argparse.Namespace, resolved: Resolved) -> int:
+    pub = write_signer(args.out)
+    key = load_signing_key(args.out)
+    print(f"wrote {args.out} (mode 0600; keep it on the key host, never commit it) and {pub}")
+    print(f"pin {pub.name} on every gateway (`signer = ...` under [keyring]); "
+          f"fingerprint {fingerprint(key.public_key())}")
+    sys.stdout.write(public_pem(key.public_key()).decode("ascii"))
     return 0
 
 
+def _seal(args: argparse.Namespace, resolved: Resolved) -> int:
+    signing_key = load_signing_key(args.sign_key)
+    sealed = resolved[1]().seal_for(load_public_key(args.recipient), signing_key)
+    args.out.write_bytes(sealed)  # safe to store and send: only the recipient opens it
+    print(f"sealed the keyring for {args.recipient} into {args.out}, signed by "
+          f"{fingerprint(signing_key.public_key())}")
+    return 0
+
+
+def _read_sealed(path: Path) -> bytes:
+    """At most MAX_SEALED + 1 bytes of `path`: a huge file is refused, not read whole."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(MAX_SEALED + 1)
+    except OSError as exc:
+        raise KeyringError(f"{path}: cannot read the sealed keyring ({exc.strerror})") from None
+
+
 def _unseal(args: argparse.Namespace, resolved: Resolved) -> int:
-    ring = Keyring.open_sealed(args.sealed.read_bytes(), load_private_key(args.identity))
+    # The signature is checked against the pinned signer before anything is decrypted or
+    # written; a refused ring leaves the installed key file as it was.
+    pin = resolved[3]
+    pinned = load_pinned(pin) if pin is not None else ()
+    try:
+        ring, info = Keyring.open_sealed(_read_sealed(args.sealed),
+                                         load_private_key(args.identity), pinned,
+                                         allow_unsigned=args.allow_unsigned)
+    except KeyringError as exc:
+        raise KeyringError(f"{args.sealed}: refused: {exc}") from None
+    if not info.verified:
+        print(f"warning: --allow-unsigned: installing a ring nobody vouched for "
+              f"({info.describe()})", file=sys.stderr)
     out = args.out or _key_file(resolved)
     # The fleet ring replaces the local one; a ring that lacks a key some local bundle still
     # needs would leave that bundle unreadable at the next reload, so it is refused.
@@ -161,7 +208,8 @@ def _unseal(args: argparse.Namespace, resolved: Resolved) -> int:
                            f"retiring keys, or rewrap the bundles first")
     out.parent.mkdir(parents=True, exist_ok=True)
     ring.save(out)
-    print(f"wrote {out} (mode 0600), current key {ring.current_id}, keys {', '.join(ring.ids())}")
+    print(f"wrote {out} (mode 0600), current key {ring.current_id}, keys {', '.join(ring.ids())}"
+          f"; {info.describe()}")
     return 0
 
 

@@ -13,8 +13,10 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from keys import sealed
@@ -139,14 +141,25 @@ class Keyring:
         """Parse a ring given in an environment variable (development only; caller warns)."""
         return cls.from_json(text, "keyring from environment")
 
-    def seal_for(self, recipient_public_key: X25519PublicKey) -> bytes:
-        """This ring sealed to one gateway's X25519 public key (safe to send over MQTT)."""
-        return sealed.seal(self.to_json().encode("utf-8"), recipient_public_key)
+    def seal_for(self, recipient_public_key: X25519PublicKey,
+                 signing_key: Ed25519PrivateKey) -> bytes:
+        """This ring sealed to one gateway's X25519 public key and signed by the fleet key
+        (safe to send over MQTT: only that gateway opens it, and only a pinned signer's ring
+        is installed)."""
+        return sealed.seal(self.to_json().encode("utf-8"), recipient_public_key, signing_key)
 
     @classmethod
-    def open_sealed(cls, data: bytes, private_key: X25519PrivateKey) -> Keyring:
-        """Open a ring made by `seal_for` with the gateway's private key."""
-        return cls.from_json(sealed.unseal(data, private_key).decode("utf-8"), "sealed keyring")
+    def open_sealed(cls, data: bytes, private_key: X25519PrivateKey,
+                    pinned: Sequence[Ed25519PublicKey] = (),
+                    allow_unsigned: bool = False) -> tuple[Keyring, sealed.SealInfo]:
+        """Open a ring made by `seal_for` with the gateway's private key, after checking its
+        signature against the `pinned` signers (see `keys.sealed.unseal` for what is refused)."""
+        plain, info = sealed.unseal(data, private_key, pinned, allow_unsigned)
+        try:
+            text = plain.decode("utf-8")
+        except UnicodeDecodeError:
+            raise KeyringError("sealed keyring: the ring inside is not UTF-8 JSON") from None
+        return cls.from_json(text, "sealed keyring"), info
 
     @classmethod
     def from_sources(cls, credentials_dir: Path | None, file: Path | None,

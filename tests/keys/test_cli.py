@@ -18,7 +18,7 @@ def cli(tmp_path: Path):
     ring_path, root = tmp_path / "ring.json", tmp_path / "bundles"
 
     def resolve(args: argparse.Namespace):
-        return ring_path, lambda: Keyring.load_file(ring_path), root
+        return ring_path, lambda: Keyring.load_file(ring_path), root, None
 
     parser = argparse.ArgumentParser(prog="edgectl")
     add_subcommands(parser.add_subparsers(dest="command", required=True), resolve)

@@ -112,19 +112,23 @@ def test_unsafe_file_source_is_refused_not_skipped(tmp_path: Path) -> None:
 
 
 def test_sealed_ring_opens_only_for_its_recipient() -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
     gateway, other = X25519PrivateKey.generate(), X25519PrivateKey.generate()
+    fleet = Ed25519PrivateKey.generate()
+    pinned = (fleet.public_key(),)
     ring = Keyring.generate()
     ring.rotate()
-    blob = ring.seal_for(gateway.public_key())
+    blob = ring.seal_for(gateway.public_key(), fleet)
     assert ring.key(ring.current_id) not in blob
-    opened = Keyring.open_sealed(blob, gateway)
+    opened, info = Keyring.open_sealed(blob, gateway, pinned)
     assert opened.ids() == ring.ids() and opened.current_id == ring.current_id
     assert all(opened.key(k) == ring.key(k) for k in ring.ids())
+    assert info.verified
     with pytest.raises(KeyringError, match="another gateway"):
-        Keyring.open_sealed(blob, other)
+        Keyring.open_sealed(blob, other, pinned)
     flipped = blob[:-1] + bytes([blob[-1] ^ 1])
     with pytest.raises(KeyringError, match="altered"):
-        Keyring.open_sealed(flipped, gateway)
+        Keyring.open_sealed(flipped, gateway, pinned)
     with pytest.raises(KeyringError, match="bad magic"):
-        Keyring.open_sealed(b"nope", gateway)
+        Keyring.open_sealed(b"nope", gateway, pinned)

@@ -52,12 +52,6 @@ def test_rewrap_under_a_ring_missing_the_old_key_is_refused(packed: Path) -> Non
         rewrap_bundle(packed, Keyring.generate())
 
 
-def test_retire_refused_while_a_bundle_needs_the_key(packed: Path, ring: Keyring) -> None:
-    old = ring.current_id
-    ring.rotate()
-    assert bundles_needing(packed.parent, old) == [packed]
-
-
 def test_half_rotated_file_opens_with_either_key(packed: Path, ring: Keyring, files: dict) -> None:
     # A crash between "write new slot" and "clear old slot" leaves both slots live.
     old = ring.current_id
