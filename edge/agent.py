@@ -19,7 +19,7 @@ import structlog
 from edge import constants as C
 from edge import metrics, sdnotify
 from edge.config import Config
-from edge.errors import EdgeError, Internal
+from edge.errors import Busy, EdgeError, Internal
 from edge.jobs import Answer
 from edge.mqtt import MqttClient, Refused
 from edge.outbox import Outbox, OutboxRelay
@@ -70,17 +70,22 @@ class Agent:
         Blocking paho's thread meanwhile holds further jobs at the broker (back-pressure); if
         the broker drops us for the silence, it redelivers on reconnect and dedup sorts it out.
         """
-        delay = 0.25
-        while not self._handle_once(topic, payload, props):
-            if self._stop.wait(delay):
-                return False
-            delay = min(delay * 2, 5.0)
-        return True
+        delay, since = 0.25, time.monotonic()
+        try:
+            while not self._handle_once(topic, payload, props):
+                metrics.JOB_STALL.set(time.monotonic() - since)
+                if self._stop.wait(delay):
+                    return False
+                delay = min(delay * 2, 5.0)
+            return True
+        finally:
+            metrics.JOB_STALL.set(0)
 
     def _handle_once(self, topic: str, payload: bytes, props: Properties) -> bool:
         received = time.time()
         try:
-            sub = parse(topic, payload, props, max_bytes=self.max_bytes, now=received)
+            sub = parse(topic, payload, props, max_bytes=self.max_bytes, now=received,
+                        json_depth=self.config.limits.json_depth)
             enq = self.enqueuer.submit(sub, received)
             log.debug("job_enqueued", task=sub.route.task, device_id=sub.route.device_id,
                       job_id=sub.route.request_id, queue=enq.queue, duplicate=enq.duplicate)
@@ -91,10 +96,21 @@ class Agent:
             return self._answer_error(exc.route, exc.error, topic)
         except EdgeError as exc:  # Busy or ModelUnavailable, from the enqueuer
             return self._answer_error(sub.route, exc, topic)
-        except redis.RedisError as exc:
-            # Not acknowledged: the broker redelivers it once we reconnect.
+        except redis.exceptions.OutOfMemoryError:
+            # Redis is at maxmemory: the device is told so; answers already accepted still
+            # get through (the answer steps may use memory past the limit, see edge/scripts.py)
+            log.warning("redis_full", task=sub.route.task, device_id=sub.route.device_id)
+            return self._answer_error(sub.route, Busy(
+                "the gateway's job store is full (Redis maxmemory); try again later",
+                "redis_full"), topic)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # Not acknowledged: retried here, and redelivered by the broker after a reconnect.
             log.error("job_not_stored", topic=topic, error=str(exc))
             return False
+        except redis.RedisError as exc:  # refused for good (a permission, a script error)
+            log.error("job_refused_by_redis", topic=topic, error=str(exc))
+            return self._answer_error(sub.route, Internal("the gateway could not store the "
+                                                          "job (details in its log)"), topic)
         except Exception:  # noqa: BLE001 - one bad job must never stop the agent
             log.exception("job_handling_failed", topic=topic)
             try:
@@ -108,14 +124,18 @@ class Agent:
         task = route.task if route is not None and route.task in self.config.tasks else "other"
         metrics.REJECTED.labels(task, error.code).inc()
         if error.code == "busy":
-            metrics.BUSY.labels(task).inc()
+            metrics.BUSY.labels(task, getattr(error, "limit", "queue_limit")).inc()
         if route is None:
             return True  # nowhere to answer (not a job topic)
         try:
             self.outbox.append(error_answer(route, error))
-        except redis.RedisError as exc:
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.error("answer_not_stored", topic=topic, error=str(exc))
             return False
+        except redis.RedisError as exc:
+            # Never retried forever on paho's thread: logged, counted and let go.
+            log.error("answer_refused_by_redis", topic=topic, code=error.code, error=str(exc))
+            metrics.ANSWERS_REFUSED.labels(task, "redis", "dropped").inc()
         return True
 
     # -- status

@@ -63,6 +63,25 @@ class TaskConfig:
     max_bytes: int = 1 << 20
     timeout: int = 60  # s a job may run
     deadline: int = 300  # s a job may wait in the queue before it is answered `timeout`
+    # jobs of this task one device may have queued or running at once (its quota); None:
+    # the default, min(queue_limit, C.DEFAULT_DEVICE_LIMIT)
+    device_limit: int | None = None
+
+    @property
+    def per_device(self) -> int:
+        """The quota of one device: jobs of this task it may have queued or running."""
+        return self.device_limit or min(self.queue_limit, C.DEFAULT_DEVICE_LIMIT)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Bounds on what one message may cost (README, "Hostile input")."""
+
+    job_memory: int = C.DEFAULT_JOB_MEMORY  # bytes a worker may allocate for one job's data
+    json_depth: int = C.DEFAULT_JSON_DEPTH  # nesting of a JSON envelope, checked before parsing
+    # new jobs are answered `busy` once Redis uses this share of its maxmemory: the rest is
+    # for the work already accepted (workers' bookkeeping, answers)
+    redis_fill_percent: int = C.DEFAULT_REDIS_FILL_PERCENT
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +114,7 @@ class KeyringConfig:
     credential: str = "edge-keyring"
     file: Path | None = None
     env: str | None = "EDGE_KEYRING"
+    signer: Path | None = None  # pinned fleet signing key(s), PEM: `keys unseal` checks it
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +130,7 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     keyring: KeyringConfig = field(default_factory=KeyringConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     tasks: Mapping[str, TaskConfig] = field(default_factory=dict)
     devices: Mapping[str, DeviceConfig] = field(default_factory=dict)
 
@@ -166,6 +187,7 @@ def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> Config:
         mqtt=_mqtt(r.table("mqtt")),
         redis=_redis(r.table("redis")),
         keyring=_keyring(r.table("keyring")),
+        limits=_limits(r.table("limits")),
         tasks=_tasks(r.table("tasks")),
         devices=_devices(r.table("devices")),
     )
@@ -210,6 +232,18 @@ def _keyring(r: _Reader) -> KeyringConfig:
         credential=r.str("credential", "edge-keyring"),
         file=r.opt_path("file"),
         env=r.opt_str("env", "EDGE_KEYRING"),
+        signer=r.opt_path("signer"),
+    )
+    r.done()
+    return out
+
+
+def _limits(r: _Reader) -> LimitsConfig:
+    out = LimitsConfig(
+        job_memory=r.int("job_memory", C.DEFAULT_JOB_MEMORY, low=16 << 20),
+        json_depth=r.int("json_depth", C.DEFAULT_JSON_DEPTH, low=2, high=1000),
+        redis_fill_percent=r.int("redis_fill_percent", C.DEFAULT_REDIS_FILL_PERCENT, low=10,
+                                 high=100),
     )
     r.done()
     return out
@@ -230,6 +264,7 @@ def _tasks(r: _Reader) -> dict[str, TaskConfig]:
             max_bytes=t.int("max_bytes", 1 << 20, low=1),
             timeout=t.int("timeout", 60, low=1),
             deadline=t.int("deadline", 300, low=1),
+            device_limit=t.opt_int("device_limit", low=1),
         )
         t.done()
     return out

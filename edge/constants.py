@@ -18,10 +18,21 @@ REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces,
 # Redis keys (RQ names its own keys; these are ours)
 KEY_PREFIX = "edge:"
 BLOB_KEY = KEY_PREFIX + "blob:{job_key}"
-OUTBOX_STREAM = KEY_PREFIX + "outbox"
+OUTBOX_STREAM = KEY_PREFIX + "outbox"  # final answers: never trimmed, deleted once delivered
+PROGRESS_STREAM = KEY_PREFIX + "progress"  # progress notes (QoS 0, droppable): trimmed
 OUTBOX_GROUP = "agents"
-ALIVE_KEY = KEY_PREFIX + "alive:{queue}"  # zset: worker name -> last heartbeat (unix s)
+UNANSWERED_KEY = KEY_PREFIX + "unanswered"  # zset: job id -> Redis time the agent stored it
+ANSWERED_FIELD = "edge_answered"  # field of RQ's job hash: who answered it
+# zset per task and device: job id -> Redis time stored; the device's jobs queued or running
+QUOTA_KEY = KEY_PREFIX + "quota:{task}:{device_id}"
+# Fair queueing in front of each RQ queue: a list of waiting job ids per device, a ring of the
+# devices that have some, and the number waiting. RQ's own list holds at most FEED_DEPTH.
+FAIR_PREFIX = KEY_PREFIX + "fair:{queue}:"  # + device id
+RING_KEY = KEY_PREFIX + "ring:{queue}"
+WAITING_KEY = KEY_PREFIX + "waiting:{queue}"
+ALIVE_KEY = KEY_PREFIX + "alive:{queue}"  # zset: worker name -> last heartbeat (Redis TIME, s)
 WORKER_KEY = KEY_PREFIX + "worker:{worker}"  # JSON: device, models, unavailable
+WATCH_KEY = KEY_PREFIX + "reaper:watched"  # Redis TIME (s) of the last pass of any reaper
 QUEUE_NAME = "edge.{task}.{device}"
 
 JOB_FUNCTION = "workers.jobs.run"
@@ -35,7 +46,20 @@ BUNDLE_TASK = {"tokenize": "tokenize", "detokenize": "tokenize", "asr": "asr",
 # Defaults
 DEFAULT_BLOB_TTL = 3600  # s: a job's payload outlives any sane queue wait
 DEFAULT_DEDUP_TTL = 3600  # s: a QoS 1 duplicate within this window is not run again
-DEFAULT_OUTBOX_MAXLEN = 100_000  # entries kept at most (approximate trim)
+PROGRESS_MAXLEN = 10_000  # progress notes kept at most (approximate trim; answers never are)
+QUOTA_SLACK = 120  # s past a job's deadline + timeout after which its quota entry is stale
+FEED_DEPTH = 1  # jobs on an RQ queue's own list; the rest wait in the fair lists
+# A worker takes at most this many jobs in a row from its first-priority queue while another
+# of its queues has work; then that one gets a turn (no task starves another).
+PRIORITY_BURST = 8
+DEFAULT_DEVICE_LIMIT = 16  # jobs of one task one device may have queued or running at once
+DEFAULT_JOB_MEMORY = 1 << 30  # bytes of decoded input / output one job may hold in a worker
+DEFAULT_JSON_DEPTH = 32  # nesting levels of a JSON envelope
+DEFAULT_REDIS_FILL_PERCENT = 90  # of Redis' maxmemory, past which new jobs are refused
+# What audio may declare (a WAV header, the sample_rate/channels params, an audio/L16 type);
+# the resampler's cost grows with the rate, so a header past these is refused before decoding
+AUDIO_RATE_RANGE = (1000, 384_000)  # Hz
+AUDIO_MAX_CHANNELS = 64
 ALIVE_WINDOW = 30.0  # s: a worker whose last heartbeat is older is not routed to
 HEARTBEAT_INTERVAL = 5.0  # s
 STATUS_INTERVAL = 10.0  # s

@@ -53,9 +53,14 @@ class UnknownTask(EdgeError):
 
 
 class Busy(EdgeError):
-    """Every queue that could take the job is full."""
+    """A limit stops the job for now: the device's quota (`device_limit`), every queue of the
+    task (`queue_limit`) or Redis' memory (`redis_full`); `limit` says which."""
 
     code = "busy"
+
+    def __init__(self, message: str, limit: str = "queue_limit") -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 class Timeout(EdgeError):

@@ -63,9 +63,13 @@ class Job:
         return cls(**d)
 
 
-def job_key(device_id: str, request_id: str) -> str:
-    """The RQ job id for a request: stable, so a QoS 1 duplicate maps to the same job."""
-    digest = hashlib.blake2b(f"{device_id}\0{request_id}".encode(), digest_size=16).hexdigest()
+def job_key(device_id: str, task: str, request_id: str) -> str:
+    """The RQ job id for a request: stable, so a QoS 1 duplicate maps to the same job.
+
+    The task is part of it: the same request id sent to another task is another job.
+    """
+    digest = hashlib.blake2b(f"{device_id}\0{task}\0{request_id}".encode(),
+                             digest_size=16).hexdigest()
     return f"j-{digest}"
 
 

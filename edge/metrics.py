@@ -45,8 +45,17 @@ SUBMITTED = Counter("edge_jobs_submitted", "Jobs the agent enqueued (not duplica
                     ("task", "device"), registry=REGISTRY)
 REJECTED = Counter("edge_jobs_rejected", "Jobs the agent answered itself with an error",
                    ("task", "status"), registry=REGISTRY)
-BUSY = Counter("edge_busy_rejections", "Jobs answered `busy`: every queue of the task was full",
-               ("task",), registry=REGISTRY)
+BUSY = Counter("edge_busy_rejections",
+               "Jobs answered `busy`, by whose limit it was: device_limit (the device's quota), "
+               "queue_limit (every queue of the task full), redis_full (Redis at maxmemory)",
+               ("task", "reason"), registry=REGISTRY)
+JOB_STALL = Gauge("edge_agent_job_stall_seconds",
+                  "How long the agent has been retrying one job message it cannot store or "
+                  "answer (0 when none): the broker holds the device's later jobs meanwhile",
+                  registry=REGISTRY)
+REDIS_MEMORY = Gauge("edge_redis_memory_used_ratio",
+                     "Redis used_memory / maxmemory (0 when no maxmemory is set); at 1 the "
+                     "agent answers new jobs `busy`", registry=REGISTRY)
 END_TO_END = Histogram("edge_job_end_to_end_seconds",
                        "From receipt of the job to the broker's PUBACK of its answer",
                        ("task", "status"), buckets=_BUCKETS, registry=REGISTRY)
@@ -120,6 +129,9 @@ def observe_status(doc: dict, conn: redis.Redis) -> dict:
         _, task, device = name.split(".", 2)
         QUEUE_DEPTH.labels(task, device).set(q["depth"])
         QUEUE_WORKERS.labels(task, device).set(q["workers"])
+    redis_doc = doc.get("redis") or {}
+    if redis_doc.get("maxmemory"):
+        REDIS_MEMORY.set(redis_doc["used_memory"] / redis_doc["maxmemory"])
     length, oldest = outbox_lag(conn)
     OUTBOX_LENGTH.set(length)
     OUTBOX_OLDEST.set(oldest)

@@ -19,7 +19,7 @@ import redis
 import structlog
 
 from edge import constants as C
-from edge import metrics
+from edge import metrics, scripts
 from edge.jobs import Answer
 from edge.errors import EdgeError, Internal, PayloadTooLarge
 from edge.mqtt import NOT_AUTHORIZED, PACKET_TOO_LARGE, TOPIC_NAME_INVALID, Outcome, Refused
@@ -29,51 +29,58 @@ log = structlog.get_logger("edge.outbox")
 
 
 class Outbox:
-    """Appends answers to the outbox stream."""
+    """Appends answers to the outbox stream and progress notes to the progress stream.
+
+    Final answers are never trimmed: an entry leaves the stream only once the relay has the
+    broker's PUBACK (or settled a refusal), however long the broker is away. Progress notes
+    (QoS 0, droppable) go to a stream of their own, trimmed to `C.PROGRESS_MAXLEN`, so that they
+    can neither push an answer out nor fill Redis.
+    """
 
     def __init__(self, conn: redis.Redis, stream: str = C.OUTBOX_STREAM,
-                 maxlen: int = C.DEFAULT_OUTBOX_MAXLEN) -> None:
-        self.conn, self.stream, self.maxlen = conn, stream, maxlen
+                 progress_stream: str = C.PROGRESS_STREAM) -> None:
+        self.conn, self.stream, self.progress_stream = conn, stream, progress_stream
+        self._append = conn.register_script(scripts.APPEND_ANSWER)
+        self._answer_once = conn.register_script(scripts.ANSWER_ONCE)
 
     def append(self, answer: Answer, pipeline: redis.client.Pipeline | None = None) -> None:
-        """Add one answer; with `pipeline`, as part of the caller's round trip."""
+        """Add one answer (accepted even when Redis is full) or progress note (dropped, with a
+        log line, when Redis refuses it); with `pipeline`, as part of the caller's round trip."""
         target = pipeline if pipeline is not None else self.conn
-        target.xadd(self.stream, answer.to_fields(), maxlen=self.maxlen, approximate=True)
+        if answer.kind == "progress":
+            try:
+                target.xadd(self.progress_stream, answer.to_fields(), maxlen=C.PROGRESS_MAXLEN,
+                            approximate=True)
+            except redis.ResponseError as exc:  # e.g. Redis full: progress is droppable
+                log.warning("progress_dropped", error=str(exc))
+            return
+        self._append(keys=[self.stream], args=_flat(answer.to_fields()), client=target)
 
     def answer_once(self, rq_job_key: str, answer: Answer, owner: str,
                     blob_key: str | None = None) -> bool:
         """Append the final answer of an RQ job unless someone (a worker, the reaper of any
-        agent) already did; drop the job's blob. One server-side step, so a crash or a lost
-        reply never leaves half of it done and a retry is harmless. True when we answered.
+        agent) already did; release the device's quota; drop the job's blob. One server-side
+        step, so a crash or a lost reply never leaves half of it done and a retry is harmless.
+        Accepted when Redis is full (it settles work already accepted). True when we answered.
 
         The mark is a field of RQ's own job hash, so it expires with the job (dedup window).
         """
-        fields: list[bytes | str] = []
-        for k, v in answer.to_fields().items():
-            fields += [k, v]
-        keys = [rq_job_key, self.stream, UNANSWERED_KEY] + ([blob_key] if blob_key else [])
+        route = answer.route
+        keys = [rq_job_key, self.stream, C.UNANSWERED_KEY,
+                C.QUOTA_KEY.format(task=route.task, device_id=route.device_id)]
+        keys += [blob_key] if blob_key else []
         job_id = rq_job_key.rsplit(":", 1)[-1]
-        return bool(self.conn.eval(_ANSWER_ONCE, len(keys), *keys, owner, self.maxlen, job_id,
-                                   *fields))
+        return bool(self._answer_once(keys=keys, args=[owner, job_id, C.ANSWERED_FIELD,
+                                                       *_flat(answer.to_fields())]))
 
 
-# KEYS: rq job hash, outbox stream, unanswered index, [blob];
-# ARGV: owner, maxlen, job id, field, value, ...
-# A job hash that no longer exists is answered without a mark (never recreate RQ's key).
-_ANSWER_ONCE = """
-redis.call('ZREM', KEYS[3], ARGV[3])
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  if redis.call('HSETNX', KEYS[1], 'edge_answered', ARGV[1]) == 0 then return 0 end
-end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 4))
-if KEYS[4] then redis.call('DEL', KEYS[4]) end
-return 1
-"""
+def _flat(fields: dict[str, bytes | str]) -> list[bytes | str]:
+    return [v for kv in fields.items() for v in kv]
 
-# zset job id -> time acknowledged: every job the agent stored and nobody has answered yet
-UNANSWERED_KEY = C.KEY_PREFIX + "unanswered"
 
-ANSWERED_FIELD = "edge_answered"
+# Kept for the modules that import them from here.
+UNANSWERED_KEY = C.UNANSWERED_KEY
+ANSWERED_FIELD = C.ANSWERED_FIELD
 
 
 class Publisher(Protocol):
@@ -108,11 +115,13 @@ class OutboxRelay:
 
     def __init__(self, conn: redis.Redis, publisher: Publisher, consumer: str,
                  stream: str = C.OUTBOX_STREAM, group: str = C.OUTBOX_GROUP,
+                 progress_stream: str = C.PROGRESS_STREAM,
                  batch: int = 64, claim_idle_ms: int = 30_000,
                  backoff: tuple[float, float] = C.OUTBOX_RETRY_BACKOFF,
                  on_published: Callable[[Answer], None] | None = None) -> None:
         self.conn, self.publisher, self.consumer = conn, publisher, consumer
         self.stream, self.group, self.batch = stream, group, batch
+        self.progress_stream = progress_stream
         self.claim_idle_ms = claim_idle_ms
         self.backoff = backoff
         self.on_published = on_published
@@ -123,12 +132,13 @@ class OutboxRelay:
         self.ensure_group()
 
     def ensure_group(self) -> None:
-        """Create the consumer group (and the stream) if missing."""
-        try:
-            self.conn.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """Create the consumer groups (and the streams) if missing."""
+        for stream in (self.stream, self.progress_stream):
+            try:
+                self.conn.xgroup_create(stream, self.group, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
     def stop(self) -> None:
         self._stop.set()
@@ -172,10 +182,19 @@ class OutboxRelay:
                     pass
 
     def relay_once(self, block_ms: int | None = None) -> int:
-        """Relay one batch of new entries; return how many were published and acknowledged."""
-        resp = self.conn.xreadgroup(self.group, self.consumer, {self.stream: ">"},
+        """Relay one batch of new entries (answers and progress notes); return how many answers
+        were published and acknowledged."""
+        resp = self.conn.xreadgroup(self.group, self.consumer,
+                                    {self.stream: ">", self.progress_stream: ">"},
                                     count=self.batch, block=block_ms)
-        return self._publish(resp[0][1] if resp else [])[0]
+        delivered = 0
+        for stream, entries in resp or []:
+            name = stream.decode() if isinstance(stream, bytes) else stream
+            if name == self.progress_stream:
+                self._publish_progress(entries)
+            else:
+                delivered += self._publish(entries)[0]
+        return delivered
 
     def resend_pending(self) -> bool:
         """Publish again the entries we read and did not settle, oldest first, a batch at a
@@ -204,6 +223,40 @@ class OutboxRelay:
         if resp and resp[1]:
             log.info("outbox_claimed", entries=len(resp[1]))
             self._retry_pending = True  # they are ours now: send them with the next retry
+        # Progress notes a dead agent read are stale by now: drop them.
+        stale = self.conn.xautoclaim(self.progress_stream, self.group, self.consumer,
+                                     min_idle_time=self.claim_idle_ms, start_id="0-0",
+                                     count=1000, justid=True)
+        if stale and stale[1]:
+            self._ack(stale[1], self.progress_stream)
+
+    def _publish_progress(self, entries: list) -> None:
+        """Publish progress notes once, at QoS 0, and let them go whatever happens."""
+        messages = []
+        for eid, fields in entries:
+            try:
+                answer = Answer.from_fields(fields)
+            except (KeyError, ValueError) as exc:
+                log.error("outbox_entry_unreadable", entry=eid, error=str(exc))
+                continue
+            message = render(answer)
+            if self._trusted(answer, message):
+                messages.append(message)
+        if messages:
+            self.publisher.publish_many(messages, timeout=C.PUBACK_TIMEOUT)
+        self._ack([eid for eid, _ in entries], self.progress_stream)
+
+    def _trusted(self, answer: Answer, message: Outgoing) -> bool:
+        """Whether `message` goes where an answer to its job may go: under the results or
+        progress tree of the device the job came from. The outbox is written by workers; a
+        worker subverted through a decoder must not make the agent publish with its rights."""
+        if allowed_topic(answer, message.topic):
+            return True
+        route = answer.route
+        log.error("answer_topic_refused", device_id=route.device_id, task=route.task,
+                  kind=answer.kind, topic=message.topic[:200])
+        metrics.ANSWERS_REFUSED.labels(_task_label(route.task), "topic", "dropped").inc()
+        return False
 
     def _publish(self, entries: list) -> tuple[int, int]:
         """Publish entries, acknowledge those settled; (delivered, kept for a retry)."""
@@ -218,8 +271,16 @@ class OutboxRelay:
             except (KeyError, ValueError) as exc:
                 log.error("outbox_entry_unreadable", entry=eid, error=str(exc))
                 settled.append(eid)
-        outcomes = self.publisher.publish_many([render(a) for _, a in answers],
-                                               timeout=C.PUBACK_TIMEOUT) if answers else []
+        rendered = []
+        for eid, answer in answers:
+            message = render(answer)
+            if self._trusted(answer, message):
+                rendered.append((eid, answer, message))
+            else:
+                settled.append(eid)
+        answers = [(eid, answer) for eid, answer, _ in rendered]
+        outcomes = self.publisher.publish_many([m for _, _, m in rendered],
+                                               timeout=C.PUBACK_TIMEOUT) if rendered else []
         delivered, kept = [], 0
         for (eid, answer), outcome in zip(answers, outcomes):
             if outcome is True:
@@ -245,7 +306,7 @@ class OutboxRelay:
         (False: keep it for a retry)."""
         route = answer.route
         reason = "local" if refusal.reason is None else f"0x{refusal.reason:02x}"
-        task = route.task if route.task in C.TASK_ORDER else "other"
+        task = _task_label(route.task)
         context = dict(device_id=route.device_id, request_id=route.request_id,
                        task=route.task, kind=answer.kind, topic=route.topic, reason=reason,
                        detail=refusal.detail)
@@ -261,8 +322,25 @@ class OutboxRelay:
             Outbox(self.conn, self.stream).append(stand_in)
         return True
 
-    def _ack(self, ids: list) -> None:
+    def _ack(self, ids: list, stream: str | None = None) -> None:
+        stream = stream or self.stream
         pipe = self.conn.pipeline(transaction=False)
-        pipe.xack(self.stream, self.group, *ids)
-        pipe.xdel(self.stream, *ids)
+        pipe.xack(stream, self.group, *ids)
+        pipe.xdel(stream, *ids)
         pipe.execute()
+
+
+def _task_label(task: str) -> str:
+    return task if task in C.TASK_ORDER else "other"
+
+
+def allowed_topic(answer: Answer, topic: str) -> bool:
+    """Whether an outbox entry's topic lies in its own device's results (answers) or progress
+    (notes) tree, with a well-formed device id and no wildcard."""
+    route = answer.route
+    if not isinstance(route.device_id, str) or not C.DEVICE_ID_RE.fullmatch(route.device_id):
+        return False
+    pattern = C.PROGRESS_TOPIC if answer.kind == "progress" else C.RESULT_TOPIC
+    prefix = pattern.format(device_id=route.device_id, request_id="")
+    return (topic.startswith(prefix) and len(topic) > len(prefix) and len(topic) <= 512
+            and not set(topic) & set("+#\0"))

@@ -15,9 +15,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from edge import constants as C
 from edge.errors import BadRequest, EdgeError, PayloadTooLarge, UnknownTask, UnsupportedMedia
@@ -79,31 +82,49 @@ def parse_topic(topic: str) -> tuple[str, str]:
 
 
 def parse(topic: str, payload: bytes, props: Properties, *, max_bytes: Mapping[str, int],
-          now: float | None = None) -> Submission:
-    """Parse and validate one job message; raise Rejected with the route when one is known."""
+          now: float | None = None, json_depth: int = C.DEFAULT_JSON_DEPTH) -> Submission:
+    """Parse and validate one job message; raise Rejected with the route when one is known.
+
+    Cost is checked before it is paid: a task this gateway does not serve, or a payload over
+    its task's `max_bytes`, is refused before any JSON is parsed (its request id is then looked
+    for cheaply, see `_cheap_id`); an envelope nested deeper than `json_depth` is refused
+    before it is parsed.
+    """
     now = time.time() if now is None else now
     try:
         task, device_id = parse_topic(topic)
     except EdgeError as exc:
         raise Rejected(exc, None) from None
     envelope = _looks_like_envelope(payload, props)
+    spec, limit = TASKS.get(task), max_bytes.get(task)
+    refusal: EdgeError | None = None
+    if spec is None:
+        refusal = UnknownTask(f"unknown task {task[:64]!r} (known: {', '.join(TASKS)})")
+    elif limit is None:
+        refusal = UnknownTask(f"task {task!r} is not served by this gateway")
+    elif len(payload) > limit:
+        refusal = PayloadTooLarge(f"payload is {len(payload)} bytes; the limit for {task} is "
+                                  f"{limit} (tasks.{task}.max_bytes)")
+    if refusal is not None or spec is None or limit is None:
+        route = _route(task, device_id, _cheap_id(payload, props, envelope), props, envelope)
+        raise Rejected(refusal or UnknownTask(task), route)
+    doc: Any = None
+    if envelope:
+        try:
+            doc = _load_json(payload, json_depth)
+        except EdgeError as exc:
+            route = _route(task, device_id, _cheap_id(payload, props, envelope), props,
+                           envelope)
+            raise Rejected(exc, route) from None
     try:
-        request_id = _request_id(payload, props, envelope)
+        request_id = _request_id(doc, props, envelope)
     except EdgeError as exc:
         route = _route(task, device_id, "-", props, envelope)
         raise Rejected(exc, route) from None
     route = _route(task, device_id, request_id, props, envelope)
     try:
-        spec = TASKS.get(task)
-        if spec is None:
-            raise UnknownTask(f"unknown task {task!r} (known: {', '.join(TASKS)})")
-        limit = max_bytes.get(task)
-        if limit is None:
-            raise UnknownTask(f"task {task!r} is not served by this gateway")
-        if len(payload) > limit:
-            raise PayloadTooLarge(f"payload is {len(payload)} bytes; the limit for {task} is {limit}")
         if envelope:
-            return _from_envelope(spec, route, payload, limit, now)
+            return _from_envelope(spec, route, doc, limit, now)
         return _from_raw(spec, route, payload, props, now)
     except EdgeError as exc:
         raise Rejected(exc, route) from None
@@ -112,15 +133,55 @@ def parse(topic: str, payload: bytes, props: Properties, *, max_bytes: Mapping[s
 def _looks_like_envelope(payload: bytes, props: Properties) -> bool:
     if props.content_type is not None:
         return props.content_type.split(";")[0].strip().lower() == JSON_TYPE
-    return payload[:1] == b"{" or payload.lstrip()[:1] == b"{"
+    return payload[:1] == b"{" or payload[:64].lstrip()[:1] == b"{"
 
 
-def _request_id(payload: bytes, props: Properties, envelope: bool) -> str:
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
+_CHEAP_ID = re.compile(rb'[{,]\s*"id"\s*:\s*"([\x21\x23-\x5b\x5d-\x7e]{1,128})"')
+CHEAP_ID_WINDOW = 4096  # bytes of a refused envelope searched for its "id"
+
+
+def _load_json(payload: bytes, depth: int) -> Any:
+    """The parsed envelope, after checking its nesting without parsing it."""
+    opened = payload.count(b"[") + payload.count(b"{")
+    if opened > depth and _nesting(payload) > depth:
+        raise BadRequest(f"the JSON envelope is nested deeper than {depth} levels "
+                         "(limits.json_depth)")
+    try:
+        return json.loads(payload)
+    except (ValueError, RecursionError):
+        raise BadRequest("payload is not valid JSON") from None
+
+
+def _nesting(payload: bytes, chunk: int = 1 << 20) -> int:
+    """How deep the brackets of a JSON text nest (strings skipped); no parse, no recursion,
+    memory bounded by `chunk` whatever the size."""
+    brackets = _JSON_STRING.sub(b"", payload).translate(None, _NOT_BRACKETS)
+    level = deepest = 0
+    for start in range(0, len(brackets), chunk):
+        steps = np.frombuffer(brackets, np.uint8, min(chunk, len(brackets) - start), start)
+        levels = np.cumsum(np.where((steps == 91) | (steps == 123), 1, -1).astype(np.int32))
+        deepest = max(deepest, level + int(levels.max()))
+        level += int(levels[-1])
+    return deepest
+
+
+def _cheap_id(payload: bytes, props: Properties, envelope: bool) -> str:
+    """The request id of a message that is refused before it is parsed, found without parsing
+    it: the correlation data, an `id` user property, or an envelope's `"id"` string among its
+    first CHEAP_ID_WINDOW bytes (devices put it first); else "-"."""
+    try:
+        if not envelope or props.correlation_data is not None:
+            return _request_id(None, props, False)
+    except EdgeError:
+        pass
+    found = _CHEAP_ID.search(payload, 0, CHEAP_ID_WINDOW) if envelope else None
+    return found.group(1).decode("ascii") if found else "-"
+
+
+def _request_id(doc: Any, props: Properties, envelope: bool) -> str:
     if envelope:
-        try:
-            doc = json.loads(payload)
-        except (ValueError, RecursionError):
-            doc = None
         rid = doc.get("id") if isinstance(doc, dict) else None
         if rid is None and props.correlation_data is not None:
             return _id_from_correlation(props.correlation_data)
@@ -168,12 +229,8 @@ def _own_response_topic(topic: str | None, device_id: str) -> bool:
             and not set(topic) & set("+#") and len(topic) <= 512)
 
 
-def _from_envelope(spec: TaskSpec, route: Route, payload: bytes, limit: int,
+def _from_envelope(spec: TaskSpec, route: Route, doc: Any, limit: int,
                    now: float) -> Submission:
-    try:
-        doc = json.loads(payload)
-    except (ValueError, RecursionError):
-        raise BadRequest("payload is not valid JSON") from None
     if not isinstance(doc, dict):
         raise BadRequest("envelope must be a JSON object")
     allowed = {"id", "params", "deadline", "content_type", *spec.inputs}

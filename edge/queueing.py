@@ -13,10 +13,10 @@ from rq.serializers import JSONSerializer
 from rq.utils import now
 
 from edge import constants as C
+from edge import scripts
 from edge.config import Config
 from edge.errors import Busy, ModelUnavailable
 from edge.jobs import Job, job_key
-from edge.outbox import UNANSWERED_KEY
 from edge.protocol import Submission
 
 
@@ -34,58 +34,20 @@ class Enqueued:
     duplicate: bool
 
 
-# One atomic step per job, one round trip: RQ's unique enqueue (rq.scripts'
-# UNIQUE_ENQUEUE_SCRIPT: refuse an existing job hash, write it, set its TTL, push its id), with
-# the routing and the payload folded in. The first candidate queue with a live worker (one that
-# sent a heartbeat in the last ALIVE_WINDOW seconds) and under the limit takes the job.
-_ENQUEUE = """
--- KEYS: job hash, blob, unanswered index, RQ's queue set, then the candidate queues (the task's
---       devices in order) and, in the same order, their workers' alive sets
--- ARGV: job id, queue limit, received, blob TTL, job TTL (-1: none), alive since, nblob,
---       blob field/values, queue names (one per candidate), job hash field/values
--- Returns the chosen candidate (1-based), 0 for a duplicate, -1 when every live queue is
--- full, -2 when no candidate has a live worker.
-if redis.call("EXISTS", KEYS[1]) == 1 then return 0 end
-local nq = (#KEYS - 4) / 2
-local nblob = tonumber(ARGV[7])
-local live, chosen = 0, nil
-for i = 1, nq do
-  if redis.call("ZCOUNT", KEYS[4 + nq + i], ARGV[6], "+inf") > 0 then
-    live = live + 1
-    if redis.call("LLEN", KEYS[4 + i]) < tonumber(ARGV[2]) then chosen = i break end
-  end
-end
-if chosen == nil then
-  if live > 0 then return -1 end
-  return -2
-end
-redis.call("DEL", KEYS[2])
-redis.call("HSET", KEYS[2], unpack(ARGV, 8, 7 + nblob))
-redis.call("EXPIRE", KEYS[2], ARGV[4])
-redis.call("ZADD", KEYS[3], "NX", ARGV[3], ARGV[1])
-redis.call("SADD", KEYS[4], KEYS[4 + chosen])
-redis.call("HSET", KEYS[1], unpack(ARGV, 8 + nblob + nq))
-redis.call("HSET", KEYS[1], "origin", ARGV[7 + nblob + chosen])
-local ttl = tonumber(ARGV[5])
-if ttl > 0 then redis.call("EXPIRE", KEYS[1], ttl) end
-redis.call("RPUSH", KEYS[4 + chosen], ARGV[1])
-return chosen
-"""
-
-
 class Enqueuer:
     """Stores a job's inputs as one Redis blob and enqueues its RQ job, once per request id.
 
-    One round trip per job (`_ENQUEUE`): the duplicate check, the choice of queue (the task's
-    devices in order, skipping those with no live worker and those full), the blob, the reaper's
-    index and RQ's own enqueue happen in one Lua step, so no other client ever sees a job
-    without its payload or a payload without its job.
+    One round trip per job (`scripts.ENQUEUE`): the duplicate check, the device's quota, the
+    choice of queue (the task's devices in order, skipping those with no live worker and those
+    full), the blob, the reaper's index, the device's fair list and RQ's own enqueue happen in
+    one Lua step, so no other client ever sees a job without its payload or a payload without
+    its job. A full Redis refuses the step whole (`redis.exceptions.OutOfMemoryError`).
     """
 
     def __init__(self, conn: redis.Redis, config: Config) -> None:
         self.conn, self.config = conn, config
         self._queues: dict[str, Queue] = {}
-        self._script = conn.register_script(_ENQUEUE)
+        self._script = conn.register_script(scripts.ENQUEUE)
 
     def _queue(self, name: str) -> Queue:
         q = self._queues.get(name)
@@ -96,11 +58,12 @@ class Enqueuer:
     def submit(self, sub: Submission, received: float) -> Enqueued:
         """Enqueue `sub`; a duplicate of a job still known to RQ is not enqueued again.
 
-        Busy when every live queue of the task is full, ModelUnavailable when none is live.
+        Busy when the device is at its quota for the task or every live queue of the task is
+        full, ModelUnavailable when none is live.
         """
         task = sub.route.task
         tcfg = self.config.tasks[task]
-        key = job_key(sub.route.device_id, sub.route.request_id)
+        key = job_key(sub.route.device_id, task, sub.route.request_id)
         deadline = received + tcfg.deadline
         if sub.deadline is not None:
             deadline = min(deadline, sub.deadline)
@@ -110,18 +73,34 @@ class Enqueuer:
         queues = [self._queue(queue_name(task, d)) for d in tcfg.devices]
         rq_job = self._rq_job(queues[0], job)
         blob = _blob_fields(sub)
-        keys = [rq_job.key, job.blob_key, UNANSWERED_KEY, Queue.redis_queues_keys,
-                *(q.key for q in queues), *(C.ALIVE_KEY.format(queue=q.name) for q in queues)]
-        args = [key, tcfg.queue_limit, received, self.config.blob_ttl,
-                rq_job.ttl if rq_job.ttl is not None else -1, time.time() - C.ALIVE_WINDOW,
-                len(blob), *blob, *(q.name for q in queues), *_hash_fields(rq_job)]
-        chosen = self._script(keys=keys, args=args)
+        device_id = sub.route.device_id
+        keys = [rq_job.key, job.blob_key, C.UNANSWERED_KEY, Queue.redis_queues_keys,
+                C.QUOTA_KEY.format(task=task, device_id=device_id),
+                *(q.key for q in queues), *(C.ALIVE_KEY.format(queue=q.name) for q in queues),
+                *(C.RING_KEY.format(queue=q.name) for q in queues),
+                *(C.WAITING_KEY.format(queue=q.name) for q in queues)]
+        per_queue = [v for q in queues for v in (q.name, C.FAIR_PREFIX.format(queue=q.name))]
+        args = [key, tcfg.queue_limit, tcfg.per_device, self.config.blob_ttl,
+                rq_job.ttl if rq_job.ttl is not None else -1, C.ALIVE_WINDOW,
+                tcfg.deadline + tcfg.timeout + C.QUOTA_SLACK, C.FEED_DEPTH, device_id,
+                len(blob), *blob, *per_queue, *_hash_fields(rq_job),
+                self.config.limits.redis_fill_percent]
+        chosen, held = self._script(keys=keys, args=args)
         if chosen == 0:
             return Enqueued(job, "", duplicate=True)
         if chosen > 0:
             return Enqueued(job, queues[chosen - 1].name, duplicate=False)
+        if chosen == -3:
+            raise Busy(f"device {device_id!r} has {held} {task} jobs queued or running, its "
+                       f"limit (tasks.{task}.device_limit = {tcfg.per_device}); wait for an "
+                       "answer before sending more", "device_limit")
+        if chosen == -4:
+            raise Busy(f"the gateway's job store is full (Redis at {held}% of maxmemory; new "
+                       f"jobs stop at {self.config.limits.redis_fill_percent}%, "
+                       "limits.redis_fill_percent); try again later", "redis_full")
         if chosen == -1:
-            raise Busy(f"every {task} queue is full; try again later")
+            raise Busy(f"every {task} queue of this gateway is full (tasks.{task}.queue_limit = "
+                       f"{tcfg.queue_limit} jobs); try again later")
         raise ModelUnavailable(f"no worker serves {task} on this gateway now")
 
     def _rq_job(self, queue: Queue, job: Job):
@@ -162,3 +141,39 @@ def read_blob(conn: redis.Redis, key: str) -> Mapping[bytes, bytes] | None:
     """A job's stored inputs, or None when the blob has expired."""
     fields = conn.hgetall(key)
     return fields or None
+
+
+def waiting(conn: redis.Redis | redis.client.Pipeline, queue: str):
+    """How many jobs of `queue` wait in its fair lists (not yet on RQ's list)."""
+    return conn.get(C.WAITING_KEY.format(queue=queue))
+
+
+class Feeder:
+    """Moves waiting jobs from a queue's fair lists onto RQ's list (`scripts.FEED`)."""
+
+    def __init__(self, conn: redis.Redis) -> None:
+        self._script = conn.register_script(scripts.FEED)
+
+    def feed(self, queue: str, pipeline: redis.client.Pipeline | None = None):
+        """Top RQ's list of `queue` up; with a pipeline, as part of the caller's round trip
+        (sent as EVAL: redis-py would check a registered script with a round trip of its own
+        before every execute of a pipeline)."""
+        keys = [f"{Queue.redis_queue_namespace_prefix}{queue}", C.RING_KEY.format(queue=queue),
+                C.WAITING_KEY.format(queue=queue)]
+        args = [C.FAIR_PREFIX.format(queue=queue), C.FEED_DEPTH]
+        if pipeline is not None:
+            return pipeline.eval(scripts.FEED, len(keys), *keys, *args)
+        return self._script(keys=keys, args=args)
+
+
+def drain(conn: redis.Redis, queue: str) -> list[str]:
+    """Take every job id waiting in `queue`'s fair lists (none of them is on RQ's list)."""
+    ids = conn.register_script(scripts.DRAIN)(
+        keys=[C.RING_KEY.format(queue=queue), C.WAITING_KEY.format(queue=queue)],
+        args=[C.FAIR_PREFIX.format(queue=queue)])
+    return [i.decode() if isinstance(i, bytes) else i for i in ids]
+
+
+def is_waiting(conn: redis.Redis, queue: str, device_id: str, job_id: str) -> bool:
+    """Whether `job_id` waits in `device_id`'s fair list of `queue`."""
+    return conn.lpos(C.FAIR_PREFIX.format(queue=queue) + device_id, job_id) is not None

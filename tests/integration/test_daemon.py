@@ -113,7 +113,7 @@ def test_broker_restart_while_a_result_waits_in_the_outbox(daemon):
         worker.send_signal(signal.SIGSTOP)
         dev.publish_envelope("tokenize", {"id": "p-1", "text": "survive the broker"})
         deadline = time.monotonic() + 10
-        key = f"rq:job:{job_key('dev-persist', 'p-1')}"
+        key = f"rq:job:{job_key('dev-persist', 'tokenize', 'p-1')}"
         while not daemon.conn.exists(key):  # enqueued (the stopped worker may hold it already)
             assert time.monotonic() < deadline, "job never reached Redis"
             time.sleep(0.05)
