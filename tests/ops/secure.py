@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from edge.localservices import LocalService, free_port
@@ -39,22 +40,42 @@ def make_certs(folder: Path) -> dict[str, Path]:
     return {"ca": ca_crt, "cert": crt, "key": key}
 
 
+def render_acl(text: str, agents: Sequence[str]) -> str:
+    """configs/aclfile.example with its agent block (the first `user` line and the rules under
+    it) repeated for each of `agents`, as docs/operations.md tells operators to do."""
+    blocks = list(re.finditer(r"(?m)^user \S+\n((?:topic .*\n?)*)", text))
+    if not blocks:
+        raise ValueError("the ACL has no `user` block for the agent")
+    rules = blocks[0].group(1).rstrip("\n") + "\n"
+    for block in reversed(blocks):
+        text = text[:block.start()] + text[block.end():]
+    return text.rstrip("\n") + "\n" + "".join(f"\nuser {a}\n{rules}" for a in agents)
+
+
 class SecureMosquitto(LocalService):
-    """mosquitto running configs/mosquitto.conf with its /etc paths moved into `workdir`."""
+    """mosquitto running configs/mosquitto.conf with its /etc paths moved into `workdir`.
+
+    `agents` are the usernames that get the ACL's agent block (default: every user named
+    edge-agent*); `configs` is the folder holding mosquitto.conf and aclfile.example."""
 
     binary = "/usr/sbin/mosquitto"
 
-    def __init__(self, workdir: Path, passwords: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, passwords: dict[str, str],
+                 agents: Sequence[str] | None = None, configs: Path = CONFIGS) -> None:
         super().__init__(workdir)
+        self.configs = configs
         self.certs = make_certs(self.workdir)
         passwd = self.workdir / "passwd"
         for i, (user, password) in enumerate(passwords.items()):
             subprocess.run(["mosquitto_passwd", *(["-c"] if i == 0 else []), "-b", str(passwd),
                             user, password], check=True, capture_output=True)
-        (self.workdir / "acl").write_text((CONFIGS / "aclfile.example").read_text())
+        if agents is None:
+            agents = [u for u in passwords if u.startswith("edge-agent")]
+        (self.workdir / "acl").write_text(
+            render_acl((configs / "aclfile.example").read_text(), agents))
 
     def command(self) -> list[str]:
-        text = (CONFIGS / "mosquitto.conf").read_text()
+        text = (self.configs / "mosquitto.conf").read_text()
         text = text.replace("/etc/mosquitto/edge/", f"{self.workdir}/")
         text = text.replace("/var/lib/mosquitto/", f"{self.workdir}/")
         text = re.sub(r"(?m)^listener 8883$", f"listener {self.port} 127.0.0.1", text)

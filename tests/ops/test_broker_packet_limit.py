@@ -11,7 +11,8 @@ from pathlib import Path
 from edge import constants as C
 from edge.jobs import Answer, Route
 from edge.mqtt import publish_packet_size
-from edge.protocol import Outgoing, render, result_body
+from edge.jobs import result_body
+from edge.protocol import Outgoing, render
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

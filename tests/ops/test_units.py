@@ -77,6 +77,43 @@ def test_units_are_notify_watchdogged_and_stop_warm():
     assert gpu["DeviceAllow"] == ["/dev/dri/renderD128 rw"] and gpu["PrivateDevices"] == ["no"]
 
 
+# Measured (docs/operations.md, "Memory limits"): the agent at rest, and a CPU worker with every
+# demo bundle after one job of each task. Re-measure when the models or the runtime change.
+AGENT_IDLE_RSS = 61 << 20
+WORKER_DEMO_WARM_RSS = 531 << 20
+
+
+def _bytes(value: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    return int(value[:-1]) * units[value[-1]] if value[-1] in units else int(value)
+
+
+def test_both_units_cap_memory_above_what_their_bounds_let_them_reach():
+    from edge.constants import DEFAULT_JOB_MEMORY, MAX_ANSWER_BYTES
+
+    example = tomllib.loads((ROOT / "configs/edge.example.toml").read_text())
+    largest_job = max(t["max_bytes"] for t in example["tasks"].values())
+    job_memory = example.get("limits", {}).get("job_memory", DEFAULT_JOB_MEMORY)
+    agent = _settings(SYSTEMD / "edge-agent.service")
+    worker = _settings(SYSTEMD / "edge-worker@.service")
+    for name, s in (("agent", agent), ("worker", worker)):
+        assert len(s["MemoryHigh"]) == len(s["MemoryMax"]) == 1, name
+        assert _bytes(s["MemoryHigh"][0]) < _bytes(s["MemoryMax"][0]), name
+    # agent: a job message grows it by < 3x max_bytes; an answer of MAX_ANSWER_BYTES media is
+    # held about 4 times over (bytes, base64, JSON, the packet) while it is published
+    assert (_bytes(agent["MemoryHigh"][0])
+            >= AGENT_IDLE_RSS + 3 * largest_job + 4 * MAX_ANSWER_BYTES)
+    # worker: runtime + models (warm) + one job's budget, and a quarter of the warm RSS above
+    assert _bytes(worker["MemoryHigh"][0]) >= WORKER_DEMO_WARM_RSS + job_memory
+    assert (_bytes(worker["MemoryMax"][0])
+            >= WORKER_DEMO_WARM_RSS + job_memory + WORKER_DEMO_WARM_RSS // 4)
+    # the sizing table in the operations guide shows the values the units ship with
+    docs = (ROOT / "docs/operations.md").read_text()
+    for s in (agent, worker):
+        for key in ("MemoryHigh", "MemoryMax"):
+            assert f"{key}={s[key][0]}" in docs, key
+
+
 def _exposure(*args: str) -> float:
     out = subprocess.run([ANALYZE, "security", "--offline=true", "--no-pager", *args],
                          capture_output=True, text=True)
