@@ -20,10 +20,10 @@ from edge import constants as C
 from edge import metrics, sdnotify
 from edge.config import Config
 from edge.errors import Busy, EdgeError, Internal
-from edge.jobs import Answer
+from edge.jobs import Answer, error_answer
 from edge.mqtt import MqttClient, Refused
 from edge.outbox import Outbox, OutboxRelay
-from edge.protocol import Outgoing, Properties, Rejected, error_answer, parse
+from edge.protocol import Outgoing, Properties, Rejected, parse
 from edge.queueing import Enqueuer
 from edge.reaper import Reaper
 from edge.redisconn import connect

@@ -140,8 +140,8 @@ def envelope(task: str, inputs: list[str], params: dict[str, Any], rid: str) -> 
 def cmd_run(args: argparse.Namespace) -> int:
     """One job through the same validation, bundle and handler a worker uses."""
     from edge.errors import EdgeError
-    from edge.jobs import Answer
-    from edge.protocol import Properties, Rejected, error_answer, parse, result_body
+    from edge.jobs import Answer, error_answer, result_body
+    from edge.protocol import Properties, Rejected, parse
     from workers.api import no_progress
     from workers.jobs import request_from_submission, run_inline
     from workers.worker import build_models, load_ring

@@ -20,10 +20,10 @@ import structlog
 
 from edge import constants as C
 from edge import metrics, scripts
-from edge.jobs import Answer
+from edge.jobs import Answer, error_answer
 from edge.errors import EdgeError, Internal, PayloadTooLarge
 from edge.mqtt import NOT_AUTHORIZED, PACKET_TOO_LARGE, TOPIC_NAME_INVALID, Outcome, Refused
-from edge.protocol import Outgoing, error_answer, render
+from edge.protocol import Outgoing, render
 
 log = structlog.get_logger("edge.outbox")
 
@@ -121,6 +121,7 @@ class OutboxRelay:
                  on_published: Callable[[Answer], None] | None = None) -> None:
         self.conn, self.publisher, self.consumer = conn, publisher, consumer
         self.stream, self.group, self.batch = stream, group, batch
+        self._read_answers = conn.register_script(scripts.READ_ANSWERS)
         self.progress_stream = progress_stream
         self.claim_idle_ms = claim_idle_ms
         self.backoff = backoff
@@ -183,18 +184,31 @@ class OutboxRelay:
 
     def relay_once(self, block_ms: int | None = None) -> int:
         """Relay one batch of new entries (answers and progress notes); return how many answers
-        were published and acknowledged."""
-        resp = self.conn.xreadgroup(self.group, self.consumer,
-                                    {self.stream: ">", self.progress_stream: ">"},
-                                    count=self.batch, block=block_ms)
-        delivered = 0
-        for stream, entries in resp or []:
-            name = stream.decode() if isinstance(stream, bytes) else stream
-            if name == self.progress_stream:
-                self._publish_progress(entries)
-            else:
-                delivered += self._publish(entries)[0]
-        return delivered
+        were published and acknowledged.
+
+        A batch holds at most `batch` answers and, past the first, about READ_BUDGET bytes of
+        them (an answer may carry 64 MiB of media: 64 of those read at once would be 4 GiB in
+        the agent). Waiting for new entries (`block_ms`) reads one of either kind.
+        """
+        answers = self._read_answers(keys=[self.stream],
+                                     args=[self.group, self.consumer, self.batch,
+                                           READ_BUDGET])
+        notes = self.conn.xreadgroup(self.group, self.consumer, {self.progress_stream: ">"},
+                                     count=self.batch)
+        if not answers and not notes and block_ms is not None:
+            resp = self.conn.xreadgroup(self.group, self.consumer,
+                                        {self.stream: ">", self.progress_stream: ">"},
+                                        count=1, block=block_ms)
+            for stream, entries in resp or []:
+                name = stream.decode() if isinstance(stream, bytes) else stream
+                if name == self.progress_stream:
+                    notes = [(stream, entries)]
+                else:
+                    answers = entries
+        if notes:
+            self._publish_progress(notes[0][1])
+        return self._publish([(eid, _pairs(fields)) for eid, fields in answers])[0] \
+            if answers else 0
 
     def resend_pending(self) -> bool:
         """Publish again the entries we read and did not settle, oldest first, a batch at a
@@ -328,6 +342,16 @@ class OutboxRelay:
         pipe.xack(stream, self.group, *ids)
         pipe.xdel(stream, *ids)
         pipe.execute()
+
+
+READ_BUDGET = 16 << 20  # bytes of answers the relay reads in one batch (past the first)
+
+
+def _pairs(fields) -> dict:
+    """Stream entry fields as a dict, from the flat list a script returns (or a dict)."""
+    if isinstance(fields, dict):
+        return fields
+    return dict(zip(fields[::2], fields[1::2]))
 
 
 def _task_label(task: str) -> str:

@@ -364,29 +364,6 @@ def _media_type(data: bytes, declared: str | None, spec: TaskSpec) -> str:
 # ---------------------------------------------------------------- answers
 
 
-def result_body(route: Route, *, result: Mapping[str, Any] | None = None,
-                error: EdgeError | None = None,
-                timings: Mapping[str, float] | None = None) -> dict[str, Any]:
-    """The JSON result object every answer carries."""
-    body: dict[str, Any] = {"id": route.request_id, "task": route.task}
-    if error is not None:
-        body["status"] = "error"
-        body["error"] = error.to_dict()
-    else:
-        body["status"] = "ok"
-        body["result"] = dict(result or {})
-    if timings:
-        body["timings"] = {k: round(v, 3) for k, v in timings.items()}
-    return body
-
-
-def error_answer(route: Route, error: EdgeError, timings: Mapping[str, float] | None = None
-                 ) -> Answer:
-    """An error result for `route`."""
-    return Answer(route=route, kind="result", body=result_body(route, error=error,
-                                                              timings=timings))
-
-
 def render(answer: Answer) -> Outgoing:
     """The MQTT message for an outbox entry, in the form the request was made in."""
     route = answer.route

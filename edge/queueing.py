@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Mapping
@@ -16,7 +15,7 @@ from edge import constants as C
 from edge import scripts
 from edge.config import Config
 from edge.errors import Busy, ModelUnavailable
-from edge.jobs import Job, job_key
+from edge.jobs import Job, Payload, job_key
 from edge.protocol import Submission
 
 
@@ -72,7 +71,8 @@ class Enqueuer:
                   deadline=deadline, batch=sub.batch)
         queues = [self._queue(queue_name(task, d)) for d in tcfg.devices]
         rq_job = self._rq_job(queues[0], job)
-        blob = _blob_fields(sub)
+        blob = [v for kv in Payload(sub.text, sub.ids, sub.media).to_fields().items()
+                for v in kv]
         device_id = sub.route.device_id
         keys = [rq_job.key, job.blob_key, C.UNANSWERED_KEY, Queue.redis_queues_keys,
                 C.QUOTA_KEY.format(task=task, device_id=device_id),
@@ -114,18 +114,6 @@ class Enqueuer:
         rq_job.redis_server_version = queue.get_redis_server_version()
         rq_job.enqueued_at = now()
         return rq_job
-
-
-def _blob_fields(sub: Submission) -> list[bytes | str]:
-    """The payload as flat field/value pairs of the blob hash."""
-    fields: list[bytes | str] = ["n", str(len(sub.media))]
-    if sub.text is not None:
-        fields += ["text", json.dumps(sub.text)]
-    if sub.ids is not None:
-        fields += ["ids", json.dumps(sub.ids)]
-    for i, (ctype, data) in enumerate(sub.media):
-        fields += [f"t{i}", ctype, f"m{i}", data]
-    return fields
 
 
 def _hash_fields(rq_job) -> list[bytes | str]:

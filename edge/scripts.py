@@ -153,3 +153,22 @@ APPEND_ANSWER = """#!lua flags=allow-oom
 -- ARGV: field, value, ...
 return redis.call('XADD', KEYS[1], '*', unpack(ARGV))
 """
+
+# Read new outbox entries for a consumer, at most `count` and about `budget` bytes: one answer
+# may carry up to MAX_ANSWER_BYTES of media, so a batch is bounded by size, not only by count.
+READ_ANSWERS = """#!lua flags=allow-oom
+-- KEYS: outbox stream
+-- ARGV: group, consumer, max entries, byte budget
+-- Returns the entries read ({id, {field, value, ...}} each): at least one when any is new.
+local out, bytes = {}, 0
+for i = 1, tonumber(ARGV[3]) do
+  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[1],
+                       '>')
+  if not r then break end
+  local entry = r[1][2][1]
+  out[#out + 1] = entry
+  for _, v in ipairs(entry[2]) do bytes = bytes + #v end
+  if bytes >= tonumber(ARGV[4]) then break end
+end
+return out
+"""

@@ -9,7 +9,8 @@ import time
 from hypothesis import HealthCheck, given, settings
 
 from edge.errors import CODES, Internal
-from edge.protocol import Rejected, Submission, error_answer, parse, render
+from edge.jobs import error_answer
+from edge.protocol import Rejected, Submission, parse, render
 from edge.tasks import TASKS
 from tests.fuzz.strategies import messages
 

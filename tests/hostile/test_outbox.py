@@ -8,9 +8,8 @@ import pytest
 import redis
 
 from edge import constants as C
-from edge.jobs import Answer, Route
+from edge.jobs import Answer, Route, result_body
 from edge.outbox import Outbox, OutboxRelay
-from edge.protocol import result_body
 from tests.integration.fakes import FakePublisher
 
 pytestmark = [pytest.mark.integration]
@@ -95,3 +94,22 @@ def test_a_route_with_a_forged_device_id_is_not_published(conn):
     outbox.append(_answer("dev+", "r-2", topic="edge/results/dev+/r-2"))
     relay.relay_once(block_ms=1)
     assert broker.sent == []
+
+
+def test_the_relay_reads_big_answers_a_few_at_a_time(conn, monkeypatch):
+    import edge.outbox as outbox_module
+
+    monkeypatch.setattr(outbox_module, "READ_BUDGET", 8 << 20)
+    outbox, broker = Outbox(conn), Recorder()
+    relay = OutboxRelay(conn, broker, consumer="agent-1")
+    for i in range(6):
+        route = Route("dev", f"big-{i}", "superres", "envelope", f"edge/results/dev/big-{i}")
+        outbox.append(Answer(route, "result", result_body(route, result={}),
+                             (("image/png", bytes(5 << 20)),)))
+    batches = []
+    while len(broker.sent) < 6:
+        before = len(broker.sent)
+        relay.relay_once(block_ms=1)
+        batches.append(len(broker.sent) - before)
+    assert max(batches) == 2  # 5 MiB each against an 8 MiB budget: the second one passes it
+    assert conn.xlen(C.OUTBOX_STREAM) == 0

@@ -9,7 +9,8 @@ import pytest
 
 from edge.jobs import Answer, Route
 from edge.outbox import Outbox, OutboxRelay
-from edge.protocol import Outgoing, result_body
+from edge.jobs import result_body
+from edge.protocol import Outgoing
 from tests.integration.fakes import FakePublisher
 from workers.api import Media, Response
 from workers.jobs import check_answer_size

@@ -26,7 +26,8 @@ from edge.metrics import REGISTRY
 from edge.mqtt import (NOT_AUTHORIZED, PAYLOAD_FORMAT_INVALID, QUOTA_EXCEEDED, MqttClient,
                        Refused, publish_packet_size)
 from edge.outbox import Outbox, OutboxRelay
-from edge.protocol import Outgoing, render, result_body
+from edge.jobs import result_body
+from edge.protocol import Outgoing, render
 from tests.integration.fakes import FakePublisher
 
 pytestmark = pytest.mark.integration

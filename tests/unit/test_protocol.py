@@ -8,8 +8,8 @@ import json
 import pytest
 
 from edge.errors import CODES
-from edge.jobs import Answer
-from edge.protocol import Properties, Rejected, error_answer, parse, render, result_body
+from edge.jobs import Answer, error_answer, result_body
+from edge.protocol import Properties, Rejected, parse, render
 from edge.errors import Busy, Internal, ModelUnavailable, Timeout
 
 LIMITS = {"tokenize": 1000, "detokenize": 1000, "superres": 4096, "asr": 4096, "lcm": 1000}
