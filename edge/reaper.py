@@ -16,12 +16,19 @@ RQ keeps the facts; this module only reads its registries and answers through th
 
 Every answer goes through `Outbox.answer_once`, the same step the worker uses, so a worker that
 wakes up late, a second agent's reaper or a second pass never answers a job twice.
+
+Ages are read in Redis' clock (`TIME`, see `edge.alive`), never a host's. And an age only means
+"dead" while workers could beat: after an outage (`Grace`) the reaper holds every judgement made
+on an age - started jobs, queued jobs, lost jobs - until workers have had `reap_after` s (plus
+one beat) of a reachable Redis again. Failed jobs are still answered meanwhile: RQ's verdict.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
+from typing import Callable
 
 import redis
 import structlog
@@ -32,26 +39,83 @@ from rq.queue import Queue
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from edge import alive
 from edge import constants as C
 from edge.config import Config
 from edge.errors import EdgeError, Internal, ModelUnavailable
-from edge.jobs import Job
+from edge.jobs import Job, error_answer
 from edge.outbox import ANSWERED_FIELD, UNANSWERED_KEY, Outbox
-from edge.protocol import error_answer
-from edge.queueing import queue_name
+from edge.queueing import drain, is_waiting, queue_name
 
 log = structlog.get_logger("edge.reaper")
 
 REAP_AFTER = 3 * C.HEARTBEAT_INTERVAL  # s without a heartbeat: the worker is gone
 REAP_INTERVAL = 2.0  # s between passes
+# Redis' clock may run this far from this host's monotonic clock between two passes (reply
+# latency) before it counts as a step; a smaller step cannot make a beating worker look dead
+# (a live worker's beat is at most one HEARTBEAT_INTERVAL old, REAP_AFTER is three).
+STEP_TOLERANCE = 2.0  # s
+
+
+class Grace:
+    """Whether a heartbeat's age means what it says right now.
+
+    It does not right after workers could not beat: judgement holds for `grace` s after a pass
+    that saw any of
+    * the previous pass failed with a Redis error (Redis down, or cut off from us);
+    * the previous pass of any reaper (`alive.watch`) is more than `max_gap` s of Redis' clock
+      ago, or in the future (Redis was down, or every agent was, or Redis' clock stepped);
+    * Redis' clock moved more than `STEP_TOLERANCE` s unlike this host's monotonic clock since
+      our previous pass (a step either way, or a fail-over to a host whose clock differs).
+    `clock` is the monotonic clock (a test passes a fake one).
+    """
+
+    def __init__(self, grace: float, max_gap: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.grace, self.max_gap, self.clock = grace, max_gap, clock
+        self._until = -math.inf  # monotonic time the hold ends
+        self._failed = False
+        self._last: tuple[float, float] | None = None  # (monotonic, Redis) of our last pass
+
+    def failed(self) -> None:
+        """A pass could not reach Redis: the next one that does starts a hold."""
+        self._failed = True
+
+    def observe(self, now: float, watched: float | None) -> str | None:
+        """Take a pass's reading of Redis' clock (`now`) and of the previous pass's stamp
+        (`watched`, None: no reaper ever looked); return why a hold starts now, else None."""
+        mono = self.clock()
+        reason = None
+        if self._failed:
+            reason = "redis was unreachable"
+        elif watched is not None and not 0 <= now - watched <= self.max_gap:
+            reason = f"no reaper looked at redis for {now - watched:.1f} s of its clock"
+        elif self._last is not None and abs((now - self._last[1]) - (mono - self._last[0])
+                                            ) > STEP_TOLERANCE:
+            reason = (f"redis' clock moved {now - self._last[1]:.1f} s while ours moved "
+                      f"{mono - self._last[0]:.1f} s")
+        self._failed, self._last = False, (mono, now)
+        if reason is not None:
+            self._until = mono + self.grace
+        return reason
+
+    def holding(self) -> bool:
+        """Whether ages must not be judged now."""
+        return self.clock() < self._until
 
 
 class Reaper:
     """Finds jobs of our queues that lost their worker and answers them once."""
 
     def __init__(self, conn: redis.Redis, config: Config, owner: str,
-                 reap_after: float = REAP_AFTER) -> None:
+                 reap_after: float = REAP_AFTER, grace: float | None = None) -> None:
         self.conn, self.owner, self.reap_after = conn, owner, reap_after
+        # After an outage a worker gets reap_after s of a reachable Redis, plus one beat period
+        # to reconnect. Passes of a live agent are never half reap_after apart: a longer gap
+        # could have kept workers from beating.
+        self.grace = Grace(reap_after + C.HEARTBEAT_INTERVAL if grace is None else grace,
+                           reap_after / 2)
+        self._held = False
         self.outbox = Outbox(conn)
         self.queues = [queue_name(task, device)
                        for task, tcfg in config.tasks.items() for device in tcfg.devices]
@@ -64,23 +128,48 @@ class Reaper:
     def run(self, interval: float = REAP_INTERVAL) -> None:
         """Reap every `interval` seconds until stopped; Redis outages are waited out."""
         while not self._stop.wait(interval):
-            try:
-                self.reap_once()
-            except redis.RedisError as exc:
-                log.warning("reaper_redis_error", error=str(exc))
+            self.tick()
 
-    def reap_once(self, now: float | None = None) -> int:
-        """One pass over every queue; return how many jobs were answered."""
-        now = time.time() if now is None else now
-        done = sum(self._reap_queue(name, now) for name in self.queues)
-        self._requeue_lost(now)
+    def tick(self) -> int:
+        """One pass (`reap_once`); a Redis error is logged and starts a hold (`Grace`)."""
+        try:
+            return self.reap_once()
+        except redis.RedisError as exc:
+            self.grace.failed()
+            log.warning("reaper_redis_error", error=str(exc))
+            return 0
+
+    def reap_once(self) -> int:
+        """One pass over every queue, ages read in Redis' clock; return how many jobs were
+        answered. While the grace holds, only failed jobs are answered."""
+        now, watched = alive.watch(self.conn)
+        reason = self.grace.observe(now, watched)
+        if reason is not None:
+            log.warning("reaper_holding", reason=reason, seconds=self.grace.grace,
+                        note="workers get time to beat before a job is reaped for silence")
+        judge = not self.grace.holding()
+        if judge and self._held:
+            log.info("reaper_judging", note="grace over: silent workers' jobs are reaped")
+        self._held = not judge
+        done = sum(self._reap_queue(name, now, judge) for name in self.queues)
+        if judge:
+            self._requeue_lost(now)
+        else:
+            self._lost = set()  # a sighting before or during an outage proves nothing
         return done
 
-    def _reap_queue(self, name: str, now: float) -> int:
-        beats = {w.decode(): s for w, s in
-                 self.conn.zrange(C.ALIVE_KEY.format(queue=name), 0, -1, withscores=True)}
+    def _fresh(self, beat: float, now: float) -> bool:
+        """Whether a beat stamped `beat` (Redis time) is recent. One far in the future was
+        stamped before Redis' clock stepped back, and its worker has not beaten since (a beat
+        written while this pass runs is a little after `now`: that one is fresh)."""
+        return abs(now - beat) < self.reap_after
+
+    def _reap_queue(self, name: str, now: float, judge: bool = True) -> int:
+        done = self._reap_failed(name)
+        if not judge:
+            return done
+        beats = alive.beats(self.conn, name)
         queue = Queue(name, connection=self.conn, serializer=JSONSerializer)
-        done = 0
         started = StartedJobRegistry(name, connection=self.conn, serializer=JSONSerializer)
         for job_id, _ in started.get_job_and_execution_ids(cleanup=False):
             if self.conn.hexists(RQJob.key_for(job_id), ANSWERED_FIELD):
@@ -89,10 +178,17 @@ class Reaper:
             if job is None or job.get_status(refresh=False) != JobStatus.STARTED:
                 continue
             beat = beats.get(job.worker_name or "")
-            if beat is not None and now - beat < self.reap_after:
+            if beat is not None and self._fresh(beat, now):
                 continue
             done += self._answer(job, Internal("the worker running this job stopped before "
                                                "it finished (crashed or was killed)"))
+        if not any(self._fresh(beat, now) for beat in beats.values()):
+            done += self._orphans(queue, now)
+        return done
+
+    def _reap_failed(self, name: str) -> int:
+        """Jobs RQ itself failed (no heartbeat judgement: answered even while holding)."""
+        done = 0
         failed = FailedJobRegistry(name, connection=self.conn, serializer=JSONSerializer)
         for job_id in failed.get_job_ids(cleanup=False):
             if self.conn.hexists(RQJob.key_for(job_id), ANSWERED_FIELD):
@@ -100,28 +196,29 @@ class Reaper:
             job = self._fetch(job_id)
             if job is not None:
                 done += self._answer(job, Internal("the job failed in the worker"))
-        if not beats or now - max(beats.values()) >= self.reap_after:
-            done += self._orphans(queue, now)
         return done
 
     def _orphans(self, queue: Queue, now: float) -> int:
         """Jobs queued where no worker has beaten lately: take them off and say so."""
         done = 0
         task = queue.name.split(".")[1]
+        taken = drain(self.conn, queue.name)  # those waiting in the fair lists, all at once
         for key in (queue.key, queue.intermediate_queue_key):
             for raw in self.conn.lrange(key, 0, -1):
                 job_id = raw.decode()
-                if not self.conn.lrem(key, 1, job_id):
-                    continue  # a worker took it after all: it answers
-                job = self._fetch(job_id)
-                if job is not None:
-                    done += self._answer(job, ModelUnavailable(
-                        f"no worker serves {task} on this gateway now"))
+                if self.conn.lrem(key, 1, job_id):  # else a worker took it after all
+                    taken.append(job_id)
+        for job_id in taken:
+            job = self._fetch(job_id)
+            if job is not None:
+                done += self._answer(job, ModelUnavailable(
+                    f"no worker serves {task} on this gateway now"))
         return done
 
     def _requeue_lost(self, now: float, batch: int = 1000) -> None:
         """Push back jobs a dead worker popped but never started (seen twice, to let a live
-        worker that just popped one move it to started)."""
+        worker that just popped one move it to started). `now` and the index's scores are
+        both Redis' clock (the enqueue stamps them with `TIME`)."""
         lost = set()
         for raw in self.conn.zrangebyscore(UNANSWERED_KEY, "-inf", now - self.reap_after,
                                            start=0, num=batch):
@@ -137,7 +234,8 @@ class Reaper:
                 continue  # started / failed: the registry scans handle it
             queue = Queue(job.origin, connection=self.conn, serializer=JSONSerializer)
             if (self.conn.lpos(queue.key, job_id) is not None
-                    or self.conn.lpos(queue.intermediate_queue_key, job_id) is not None):
+                    or self.conn.lpos(queue.intermediate_queue_key, job_id) is not None
+                    or self._waiting(job)):
                 continue
             if job_id in self._lost:
                 queue.push_job_id(job_id, at_front=True)
@@ -146,6 +244,14 @@ class Reaper:
             else:
                 lost.add(job_id)
         self._lost = lost
+
+    def _waiting(self, rq_job: RQJob) -> bool:
+        """Whether the job waits in its device's fair list (not lost: its turn will come)."""
+        try:
+            device_id = Job.from_json(rq_job.args[0]).route.device_id
+        except (IndexError, KeyError, TypeError, ValueError):
+            return False
+        return is_waiting(self.conn, rq_job.origin, device_id, rq_job.id)
 
     def _fetch(self, job_id: str) -> RQJob | None:
         try:

@@ -2,40 +2,43 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import redis
 
+from edge import alive
 from edge import constants as C
 from edge.config import Config
-from edge.queueing import queue_name
+from edge.queueing import queue_name, waiting
 
 
 def node_status(conn: redis.Redis, config: Config, online: bool = True) -> dict[str, Any]:
     """Online flag, live workers with their models, queue depths, outbox lag."""
-    now = time.time()
+    now, redis_now = time.time(), alive.redis_time(conn)  # beats are stamped in Redis' clock
     queues = {}
     for task, tcfg in config.tasks.items():
         for device in tcfg.devices:
             name = queue_name(task, device)
             queues[name] = {
-                "depth": conn.llen(f"rq:queue:{name}"),
+                "depth": conn.llen(f"rq:queue:{name}") + int(waiting(conn, name) or 0),
                 "limit": tcfg.queue_limit,
-                "workers": conn.zcount(C.ALIVE_KEY.format(queue=name), now - C.ALIVE_WINDOW,
-                                       "+inf"),
+                "workers": alive.live_count(conn, name, redis_now),
             }
-    workers = {}
-    for key in conn.scan_iter(match=C.WORKER_KEY.format(worker="*"), count=100):
-        raw = conn.get(key)
-        if raw:
-            doc = json.loads(raw)
-            workers[doc.get("name", key.decode())] = doc
+    workers = alive.worker_docs(conn)
     try:
         outbox = conn.xlen(C.OUTBOX_STREAM)
     except redis.ResponseError:
         outbox = 0
     return {"node": config.node, "online": online, "time": round(now, 3),
-            "workers": workers, "queues": queues, "outbox": outbox,
+            "workers": workers, "queues": queues, "outbox": outbox, "redis": redis_memory(conn, config.limits.redis_fill_percent),
             "devices": sorted({w.get("device") for w in workers.values() if w.get("device")})}
+
+
+def redis_memory(conn: redis.Redis, fill_percent: int = 100) -> dict[str, Any]:
+    """Redis' memory use against its `maxmemory`; `full` when new jobs are refused (past
+    `fill_percent` of it: limits.redis_fill_percent)."""
+    info = conn.info("memory")
+    used, cap = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+    return {"used_memory": used, "maxmemory": cap,
+            "full": bool(cap) and used * 100 >= cap * fill_percent}
