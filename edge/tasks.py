@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from edge import constants as C
 from edge.errors import BadRequest
 
 
@@ -139,10 +140,10 @@ TASKS: dict[str, TaskSpec] = {
                 "initial_prompt": Param(str, max_len=1000),
                 "timestamps": Param(bool, True),
                 # raw PCM (no WAV header) needs these
-                "sample_rate": Param(int, low=1000, high=384000),
+                "sample_rate": Param(int, low=C.AUDIO_RATE_RANGE[0], high=C.AUDIO_RATE_RANGE[1]),
                 "format": Param(str, choices=("s8", "u8", "s16le", "s24le", "s32le", "f32le",
                                                "f64le")),
-                "channels": Param(int, low=1, high=64),
+                "channels": Param(int, low=1, high=C.AUDIO_MAX_CHANNELS),
             },
         ),
         TaskSpec(

@@ -23,6 +23,8 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from edge.constants import DEFAULT_JOB_MEMORY
+
 
 class BundleLike(Protocol):
     """A model bundle: its manifest (bundle.json) and its files, decrypted in memory."""
@@ -38,10 +40,12 @@ class BundleLike(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class DeviceSettings:
-    """Where and how a worker compiles: the OpenVINO device name and compile properties."""
+    """Where and how a worker compiles (device name, compile properties) and what one job may
+    hold: `job_memory` bytes of decoded inputs, outputs and working buffers (`workers.budget`)."""
 
     name: str = "CPU"
     properties: Mapping[str, Any] = field(default_factory=dict)
+    job_memory: int = DEFAULT_JOB_MEMORY
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 
@@ -130,3 +131,86 @@ def test_webp_input_is_accepted(handler):
     data = pyvips.Image.new_from_array(photo(12, 10)).webpsave_buffer(Q=90)
     out = decode(handler(request(data), no_progress).media[0].data)
     assert out.shape == (48, 40, 3)
+
+
+# -- hostile requests: every cost is checked before it is paid (README, "Hostile input")
+
+
+def _peak_growth(run) -> tuple[object, int]:
+    """Run `run()` in this process; its result (or exception) and the peak RSS growth."""
+    from tests.hostile.probe import memory, reset_peak
+
+    pid = os.getpid()
+    before = reset_peak(pid)
+    try:
+        result = run()
+    except Exception as exc:  # noqa: BLE001 - returned for the test to assert on
+        result = exc
+    return result, memory(pid)["VmHWM"] - before
+
+
+def _budgeted(handler, job_memory: int):
+    from workers.superres import SuperResHandler
+
+    return SuperResHandler(handler._pipelines, job_memory=job_memory)
+
+
+def test_a_png_header_claiming_100000x100000_is_refused_naming_the_pixel_limit(handler):
+    bomb = _with_header_size(png(photo(4, 4)), 100_000, 100_000)
+    with pytest.raises(PayloadTooLarge, match="100000x100000, over the 16 MP limit"):
+        handler(request(bomb), no_progress)
+
+
+def test_sixteen_2000x2000_pngs_past_the_budget_are_refused_before_any_is_decoded(handler):
+    black = pyvips.Image.black(2000, 2000, bands=3).pngsave_buffer()
+    small = _budgeted(handler, 256 << 20)
+    error, growth = _peak_growth(lambda: small(request(*[black] * 16), no_progress))
+    assert isinstance(error, PayloadTooLarge)
+    assert "upscaling 16 image(s) of 64.0 MP in all needs" in error.message
+    assert "over the per-job budget of 256 MiB ([limits] job_memory)" in error.message
+    assert growth < 32 << 20  # headers only: 16 decoded inputs alone would be 192 MB
+
+
+def test_images_are_upscaled_one_at_a_time(handler):
+    from workers.superres import imageio
+
+    images = [png(photo(800, 1000, seed=i)) for i in range(4)]
+    one = imageio.open_image(images[0]).cost  # 43 MiB: the 4x output is 38 MB of it
+    handler(request(images[0], format="jpeg"), no_progress)  # compiles the tile shape
+    response, growth = _peak_growth(lambda: handler(request(*images, format="jpeg"), no_progress))
+    assert [i["width"] for i in response.result["images"]] == [4000] * 4
+    # four outputs held at once would be over 4 x 38 MB; one at a time stays near one image
+    assert growth < 2 * one, (growth, one)
+
+
+def test_an_answer_passing_the_message_limit_stops_with_payload_too_large(handler):
+    rng = np.random.default_rng(0)
+    noise = png(rng.integers(0, 255, (1000, 1000, 3), dtype=np.uint8), compression=1)
+    # each 4x answer stored uncompressed is 48 MB: the second passes 64 MiB while it encodes
+    with pytest.raises(PayloadTooLarge, match="passed the 67108864-byte limit of one message"):
+        handler(request(noise, noise, compression=0), no_progress)
+
+
+def test_a_png_with_more_rows_than_its_header_declares_decodes_no_more(handler):
+    lying = _with_header_size(png(photo(64, 48)), 48, 32)  # 64 rows of data, header says 32
+    response = handler(request(lying), no_progress)
+    assert decode(response.media[0].data).shape == (128, 192, 3)
+
+
+def test_quality_mode_size_is_checked_from_the_header(handler):
+    big = _with_header_size(png(photo(4, 4)), 1000, 1000)  # header only: never decoded
+    with pytest.raises(PayloadTooLarge, match="quality mode takes at most"):
+        handler(request(big, mode="quality"), no_progress)
+
+
+def test_requests_of_many_sizes_do_not_pile_up_compiled_shapes(handler):
+    """Each image size under a tile compiles its own shape (~105 MB of activations at
+    500x500); eight sizes used to keep eight of them (~900 MB) for good."""
+    from tests.hostile.probe import memory
+
+    pid = os.getpid()
+    before = memory(pid)["VmRSS"]
+    for i in range(6):
+        handler(request(png(photo(500 - i, 497 - i))), no_progress)
+    grown = memory(pid)["VmRSS"] - before
+    assert grown < 320 << 20, f"{grown >> 20} MiB kept after six sizes"

@@ -10,9 +10,11 @@ from typing import Sequence
 
 import openvino as ov
 
+from edge.constants import DEFAULT_JOB_MEMORY
 from edge.errors import BadRequest, ModelUnavailable
+from workers import budget
 from workers.api import BundleLike, DeviceSettings, Progress, Request, Response
-from workers.asr.audio import decode, pcm_format
+from workers.asr.audio import check_duration, describe, open_clip, pcm_format
 from workers.asr.pipeline import Transcript, WhisperPipeline
 
 __all__ = ["load", "WhisperPipeline", "Transcript"]
@@ -21,8 +23,10 @@ __all__ = ["load", "WhisperPipeline", "Transcript"]
 class AsrHandler:
     """Runs one job on the compiled pipelines (one per bundle)."""
 
-    def __init__(self, pipelines: dict[str, WhisperPipeline]) -> None:
+    def __init__(self, pipelines: dict[str, WhisperPipeline],
+                 job_memory: int = DEFAULT_JOB_MEMORY) -> None:
         self.pipelines = pipelines
+        self.job_memory = job_memory
 
     def __call__(self, request: Request, progress: Progress) -> Response:
         params = request.params
@@ -31,8 +35,13 @@ class AsrHandler:
             raise BadRequest("asr takes exactly one audio item")
         media = request.media[0]
         s = pipeline.settings
-        audio = decode(media.data, raw=pcm_format(media.content_type, dict(params)),
-                       rate=s["sample_rate"], max_seconds=s["max_audio_seconds"])
+        # header first: rate, channels, encoding, duration and memory, before any decoding
+        clip = open_clip(media.data, raw=pcm_format(media.content_type, dict(params)))
+        check_duration(clip, s["max_audio_seconds"])
+        rate = s["sample_rate"]
+        need = clip.cost(rate) + pipeline.working_bytes(clip.frames_at(rate))
+        budget.check(need, self.job_memory, f"transcribing {describe(clip)}")
+        audio = clip.decode(rate)
         result = pipeline(audio, language=params.get("language"),
                           task=params.get("task", "transcribe"),
                           initial_prompt=params.get("initial_prompt"),
@@ -61,4 +70,4 @@ def _to_json(model: str, t: Transcript) -> dict:
 def load(bundles: Sequence[BundleLike], core: ov.Core, device: DeviceSettings) -> AsrHandler:
     """Compile every asr bundle for `device` once; the handler serves all of them."""
     pipelines = {b.name: WhisperPipeline.load(b, core, device) for b in bundles}
-    return AsrHandler(pipelines)
+    return AsrHandler(pipelines, device.job_memory)

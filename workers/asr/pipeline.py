@@ -30,6 +30,7 @@ from workers.asr.features import log_mel
 NO_SPEECH_THRESHOLD = 0.6  # OpenAI Whisper's defaults for skipping a silent window
 LOGPROB_THRESHOLD = -1.0
 SILENCE_RMS = 1e-3  # -60 dBFS: a window this quiet is silence, whatever the model says
+MEL_BLOCK = 3000  # STFT frames computed at once (`features.log_mel`'s default block)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +89,16 @@ class WhisperPipeline:
             tokenizer = core.compile_model(read_ir(core, bundle, files["tokenizer"]), "CPU")
         return cls(bundle.name, settings, encoder, decoder, detok, tokenizer)
 
+    def working_bytes(self, samples: int) -> int:
+        """The most `__call__` allocates for a clip of `samples`: the log-mel's two padded
+        float32 copies of the clip and its output (twice: the log's clamp), one STFT block
+        (measured: ~34 bytes per frame sample in float64 spectra), one window's silence check."""
+        s = self.settings
+        padded = samples + (self._frames + 2) * s["hop_length"] + 2 * s["n_fft"]
+        mel = (padded // s["hop_length"] + 1) * s["n_mels"] * 4
+        stft = MEL_BLOCK * s["n_fft"] * 40
+        return padded * 4 * 2 + mel * 2 + stft + self._frames * s["hop_length"] * 8
+
     def __call__(self, audio: np.ndarray, *, language: str | None = None,
                  task: str = "transcribe", initial_prompt: str | None = None,
                  timestamps: bool = True,
@@ -97,7 +108,8 @@ class WhisperPipeline:
         duration = len(audio) / s["sample_rate"]
         content = len(audio) // s["hop_length"]
         mel = log_mel(audio, n_mels=s["n_mels"], n_fft=s["n_fft"], hop=s["hop_length"],
-                      rate=s["sample_rate"], pad_to=self._frames * s["hop_length"])
+                      rate=s["sample_rate"], pad_to=self._frames * s["hop_length"],
+                      block=MEL_BLOCK)
         rules = LogitRules(s, self._vocab, timestamps=timestamps)
         windows = max(1, -(-content // self._frames))
         lang, prev = self._language(language), self._prompt_ids(initial_prompt)

@@ -15,27 +15,36 @@ from typing import Any, Mapping, Sequence
 
 import openvino as ov
 
+from edge.constants import DEFAULT_JOB_MEMORY
 from edge.errors import BadRequest, ModelUnavailable
+from workers import budget
 from workers.api import BundleLike, DeviceSettings, Media, Progress, Request, Response
 from workers.lcm._image import CONTENT_TYPES, encode
 from workers.lcm.pipeline import LCMPipeline, LCMResult
 
 __all__ = ["LCMHandler", "LCMPipeline", "LCMResult", "load"]
 
+# bytes per output pixel a job holds: the VAE's float32 output and the float32 copies its
+# post-processing makes (~60), the uint8 image and its encoded copies (~10); latents are 1/64
+PIXEL_BYTES = 80
+
 
 def load(bundles: Sequence[BundleLike], core: ov.Core, device: DeviceSettings) -> LCMHandler:
     """Compile every `lcm` bundle for the device; the first is the default model."""
     if not bundles:
         raise ModelUnavailable("no lcm model bundle is installed")
-    return LCMHandler({b.name: LCMPipeline.load(b, core, device) for b in bundles})
+    return LCMHandler({b.name: LCMPipeline.load(b, core, device) for b in bundles},
+                      device.job_memory)
 
 
 class LCMHandler:
     """Adapts a job's params to `LCMPipeline` calls and its image to a `Response`."""
 
-    def __init__(self, pipelines: Mapping[str, LCMPipeline]) -> None:
+    def __init__(self, pipelines: Mapping[str, LCMPipeline],
+                 job_memory: int = DEFAULT_JOB_MEMORY) -> None:
         self.pipelines = dict(pipelines)
         self.default = next(iter(self.pipelines))
+        self.job_memory = job_memory
 
     def __call__(self, request: Request, progress: Progress) -> Response:
         """Run one job; raises `BadRequest` / `ModelUnavailable` for what the client must fix."""
@@ -47,6 +56,7 @@ class LCMHandler:
                                    f"(have: {', '.join(self.pipelines)})")
         prompt = _prompt(request.text)
         width, height = check_size(pipe.settings, params.get("width"), params.get("height"))
+        budget.check(width * height * PIXEL_BYTES, self.job_memory, f"a {width}x{height} image")
         steps = int(params.get("steps", 4))
         if not 1 <= steps <= 8:
             raise BadRequest("param 'steps' must be between 1 and 8")

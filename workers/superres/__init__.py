@@ -5,16 +5,27 @@
 
 Params (validated by `edge.tasks`): `mode` fast|quality, `model` (a bundle name; default: the
 first bundle of that mode), `format` png|jpeg|webp, `quality` (jpeg/webp), `compression` (png
-zlib level: 0 is fastest, 1 the default), and for quality mode `steps` and `seed`. Every image of a request is answered, in request order.
+zlib level: 0 is fastest, 1 the default), and for quality mode `steps` and `seed`. Every image
+of a request is answered, in request order.
+
+Costs are checked before they are paid: every image's header first (format, declared size),
+then the whole request's decoded pixels, 4x outputs and encoded answers against the job's
+memory budget; then the images are decoded, upscaled and encoded one at a time, so only one
+decoded input and one 4x output live at once, and encoding stops as soon as the answer passes
+the one-message limit.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections import deque
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import openvino as ov
 
+from edge import constants as C
 from edge.errors import BadRequest, ModelUnavailable
+from workers import budget
 from workers.api import BundleLike, DeviceSettings, Media, Progress, Request, Response
 from workers.superres import imageio
 from workers.superres.fast import FastPipeline
@@ -36,14 +47,16 @@ def load(bundles: Sequence[BundleLike], core: ov.Core, device: DeviceSettings) -
         pipelines[bundle.name] = (mode, cls.load(bundle, core, device))
     if not pipelines:
         raise ModelUnavailable("no superres bundle is installed on this device")
-    return SuperResHandler(pipelines)
+    return SuperResHandler(pipelines, device.job_memory)
 
 
 class SuperResHandler:
     """Decode, upscale, encode; media in request order, one progress event per image."""
 
-    def __init__(self, pipelines: dict[str, tuple[str, FastPipeline | LdmPipeline]]) -> None:
+    def __init__(self, pipelines: dict[str, tuple[str, FastPipeline | LdmPipeline]],
+                 job_memory: int = C.DEFAULT_JOB_MEMORY) -> None:
         self._pipelines = pipelines
+        self.job_memory = job_memory
 
     def _pick(self, mode: str, model: str | None) -> tuple[str, FastPipeline | LdmPipeline]:
         if model:
@@ -64,31 +77,53 @@ class SuperResHandler:
         if not request.media:
             raise BadRequest("superres needs at least one image")
         name, pipeline = self._pick(params.get("mode", "fast"), params.get("model"))
-        decoded = [imageio.decode(m.data) for m in request.media]
-        total = len(decoded)
-
-        def image_done(index: int) -> None:
-            progress({"image": index + 1, "images": total})
-
-        if isinstance(pipeline, FastPipeline):
-            outputs = pipeline([d.rgb for d in decoded], on_image=image_done)
-        else:
-            outputs = []
-            for i, d in enumerate(decoded):
-                outputs.append(pipeline(
-                    d.rgb, steps=int(params.get("steps", 20)), seed=int(params.get("seed", 0)),
-                    on_step=lambda step, steps, i=i: progress(
-                        {"image": i + 1, "images": total, "step": step, "steps": steps})))
+        headers = [imageio.open_image(m.data) for m in request.media]  # headers only
+        self._check_budget(pipeline, headers)
+        total = len(headers)
+        pending = deque(headers)  # each image's loader leaves with its pixels
+        del headers
+        room = C.MAX_ANSWER_BYTES
         media, described = [], []
-        for d, out in zip(decoded, outputs):
-            alpha = imageio.upscale_array(d.alpha) if d.alpha is not None else None
-            item = imageio.encode(out, alpha=alpha, grey=d.grey,
+        for i in range(total):
+            decoded = imageio.decode_header(pending.popleft())
+            out = self._upscale(pipeline, decoded, i, total, params, progress)
+            alpha = imageio.upscale_array(decoded.alpha) if decoded.alpha is not None else None
+            item = imageio.encode(out, alpha=alpha, grey=decoded.grey,
                                   fmt=params.get("format", "png"),
                                   quality=int(params.get("quality", 90)),
-                                  compression=int(params.get("compression", 1)))
+                                  compression=int(params.get("compression", 1)), limit=room)
+            room -= len(item.data)
             media.append(item)
-            described.append(_describe(out, item, d))
+            described.append(_describe(out, item, decoded))
+            del decoded, out, alpha  # before the next image is decoded
         return Response(result={"model": name, "images": described}, media=tuple(media))
+
+    def _check_budget(self, pipeline: FastPipeline | LdmPipeline,
+                      headers: list[imageio.Header]) -> None:
+        """The request's decoded pixels, 4x outputs, working buffers and encoded answers
+        against the job's memory budget, from the headers alone."""
+        if isinstance(pipeline, LdmPipeline):
+            for h in headers:
+                pipeline.check_size(h.height, h.width)
+        need = sum(h.cost + pipeline.working_bytes(h.height, h.width) for h in headers)
+        need += imageio.encoded_bound(headers)
+        pixels = sum(h.pixels for h in headers)
+        budget.check(need, self.job_memory,
+                     f"upscaling {len(headers)} image(s) of {pixels / 1e6:.1f} MP in all")
+
+    @staticmethod
+    def _upscale(pipeline: FastPipeline | LdmPipeline, decoded: imageio.Decoded, index: int,
+                 total: int, params: Mapping[str, Any], progress: Progress) -> np.ndarray:
+        """One image's 4x RGB pixels, with its progress events."""
+        if isinstance(pipeline, FastPipeline):
+            (out,) = pipeline([decoded.rgb], on_image=lambda _: progress(
+                {"image": index + 1, "images": total}))
+            return out
+        return pipeline(decoded.rgb, steps=int(params.get("steps", 20)),
+                        seed=int(params.get("seed", 0)),
+                        on_step=lambda step, steps: progress(
+                            {"image": index + 1, "images": total, "step": step,
+                             "steps": steps}))
 
 
 def _describe(out, item: Media, decoded: imageio.Decoded) -> dict:

@@ -28,6 +28,10 @@ from workers.superres.imageio import SCALE
 MARGIN = 8
 TILE = 512
 MAX_SHAPES = 8
+# Each compiled shape holds its activations (~105 MB for 500x500 on CPU), so the kept shapes
+# are bounded by their total low-res area too: eight requests of eight sizes would otherwise
+# grow the worker by ~900 MB for good. Two full tiles' worth; the newest shape always stays.
+COMPILED_TILES = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +91,13 @@ class FastPipeline:
     def warm_up(self, height: int, width: int) -> None:
         """Compile the most common shape before the first job."""
         self._pool((min(height, self.tile), min(width, self.tile)))
+
+    def working_bytes(self, height: int, width: int) -> int:
+        """What a call on one image allocates besides its 4x output: the tile copies handed to
+        the infer requests and, for an image thinner than the receptive field, its padding."""
+        pad = (height + 2 * MARGIN) * (width + 2 * MARGIN) * 3 if _small_pad((height, width)) \
+            else 0
+        return 2 * self.tile * self.tile * 3 + pad * (1 + SCALE * SCALE)
 
     def __call__(self, images: Sequence[np.ndarray],
                  on_image: Callable[[int], None] | None = None) -> list[np.ndarray]:
@@ -152,9 +163,13 @@ class FastPipeline:
                                             dict(self._device.properties))
         n = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self._compiled[shape] = [compiled.create_infer_request() for _ in range(n)]
-        while len(self._compiled) > self._max_shapes:
+        while len(self._compiled) > 1 and (len(self._compiled) > self._max_shapes
+                                           or self._area() > COMPILED_TILES * self.tile ** 2):
             self._compiled.popitem(last=False)  # idle: every call waits for all it started
         return self._compiled[shape]
+
+    def _area(self) -> int:
+        return sum(h * w for h, w in self._compiled)
 
 
 def _small_pad(shape: tuple[int, ...]) -> tuple[tuple[int, int], ...] | None:

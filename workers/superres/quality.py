@@ -96,15 +96,26 @@ class LdmPipeline:
                  on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Upscale one image; `on_step(i, steps)` after every denoising step."""
         h, w = image.shape[:2]
-        if h * w > self.max_pixels:
-            raise PayloadTooLarge(f"quality mode takes at most {self.max_pixels} input pixels; "
-                                  f"this image has {h * w} (use mode=fast)")
+        self.check_size(h, w)
         cond = self._condition(image)
         noise = np.random.default_rng(seed).standard_normal(
             (1, 3, cond.shape[2], cond.shape[3])).astype(np.float32)
         out = self.run(cond, noise, steps, on_step)
         out = out[0, :, :h * SCALE, :w * SCALE].transpose(1, 2, 0)
         return np.rint(out * 255.0).astype(np.uint8)
+
+    def check_size(self, height: int, width: int) -> None:
+        """`payload_too_large` for an image past what quality mode takes."""
+        if height * width > self.max_pixels:
+            raise PayloadTooLarge(f"quality mode takes at most {self.max_pixels} input pixels; "
+                                  f"this image has {height * width} (use mode=fast)")
+
+    def working_bytes(self, height: int, width: int) -> int:
+        """What a call on one image allocates: per padded low-res pixel, the float32
+        condition, noise and latents (~200 bytes) and the 4x float32 decoded image with the
+        copies clipping and scaling make (~800 bytes); the VQ lookup's distance blocks."""
+        padded = (height + -height % self.multiple) * (width + -width % self.multiple)
+        return padded * 1024 + 16384 * (len(self._codebook) + 8) * 4 * 2
 
     def _condition(self, image: np.ndarray) -> np.ndarray:
         """uint8 HWC -> [-1, 1] NCHW, edge-padded to the UNet's multiple."""
