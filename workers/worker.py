@@ -7,7 +7,6 @@ worker would compile in the parent and fork: OpenVINO must not be forked after c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -25,9 +24,9 @@ from rq.utils import now
 from rq.worker import WorkerStatus
 
 from edge import constants as C
-from edge import metrics, sdnotify
+from edge import alive, metrics, sdnotify
 from edge.config import Config
-from edge.queueing import queue_name
+from edge.queueing import Feeder, queue_name
 from workers import jobs
 from workers.api import DeviceSettings
 from workers.extensions import prune_kernel_files
@@ -48,6 +47,9 @@ class EdgeWorker(SimpleWorker):
         self._starting: redis.client.Pipeline | None = None
         self._last_beat = 0.0
         self._job_in_hand = False  # dequeued, not yet started (its start transaction beats)
+        self._feeder = Feeder(self.connection)
+        self._priority = list(self.queues)  # the order the config gives (TASK_ORDER)
+        self._last, self._streak = None, 0  # the queue of the last job; jobs in a row from it
         # Watchdog: the loop beats at least every dequeue_timeout; allow Redis back-off too.
         self.progress = sdnotify.Progress(stall_after=self.dequeue_timeout + 100)
         jobs.install(runtime)
@@ -73,9 +75,14 @@ class EdgeWorker(SimpleWorker):
         return None
 
     def reorder_queues(self, reference_queue):
-        # RQ calls this right after a job was dequeued, before its last heartbeat
+        # RQ calls this right after a job was dequeued, before its last heartbeat.
         self._job_in_hand = True
-        return super().reorder_queues(reference_queue)
+        served = reference_queue.name
+        self._streak = self._streak + 1 if served == self._last else 1
+        self._last = served
+        self._ordered_queues = next_order(self._priority, served, self._streak)
+        if self._ordered_queues[0].name != self._priority[0].name:
+            self._streak = 0
 
     def set_state(self, state, pipeline=None):
         # RQ sets IDLE twice between two jobs (after one, before waiting for the next): the
@@ -108,6 +115,8 @@ class EdgeWorker(SimpleWorker):
         if remove_from_intermediate_queue:
             queue = self.queue_class(job.origin, connection=self.connection)
             pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+        # the next waiting job (fairly chosen among devices) takes this one's place on RQ's list
+        self._feeder.feed(job.origin, pipeline=pipe)
         blob_key = C.BLOB_KEY.format(job_key=job.id)
         pipe.hgetall(blob_key)
         self.runtime.prefetched = {blob_key: pipe.execute()[-1]}
@@ -140,33 +149,24 @@ class EdgeWorker(SimpleWorker):
         while not self._beating.is_set():
             try:
                 self._announce()
+                for q in self._priority:  # nothing waits in a fair list while we idle
+                    self._feeder.feed(q.name)
             except redis.RedisError as exc:
                 log.warning("alive_failed", error=str(exc))
             self._beating.wait(C.HEARTBEAT_INTERVAL)
 
     def _announce(self) -> None:
-        now = time.time()
+        # stamped with Redis' clock (edge.alive), so this host's clock never ages a beat
         ms = self.runtime.models
         doc = {"name": self.name, "device": self.runtime.device, "pid": os.getpid(),
                "host": socket.gethostname(), "models": {t: list(m) for t, m in ms.models.items()},
                "unavailable": dict(ms.unavailable),
                "load_seconds": {t: round(s, 3) for t, s in ms.load_seconds.items()}}
-        pipe = self.connection.pipeline(transaction=False)
-        for q in self.queues:
-            pipe.zadd(C.ALIVE_KEY.format(queue=q.name), {self.name: now})
-            pipe.zremrangebyscore(C.ALIVE_KEY.format(queue=q.name), "-inf",
-                                  now - 10 * C.ALIVE_WINDOW)
-        pipe.set(C.WORKER_KEY.format(worker=self.name), json.dumps(doc),
-                 ex=int(C.ALIVE_WINDOW * 2))
-        pipe.execute()
+        alive.beat(self.connection, self.name, [q.name for q in self.queues], doc)
 
     def _withdraw(self) -> None:
         try:
-            pipe = self.connection.pipeline(transaction=False)
-            for q in self.queues:
-                pipe.zrem(C.ALIVE_KEY.format(queue=q.name), self.name)
-            pipe.delete(C.WORKER_KEY.format(worker=self.name))
-            pipe.execute()
+            alive.withdraw(self.connection, self.name, [q.name for q in self.queues])
         except redis.RedisError as exc:
             log.warning("withdraw_failed", error=str(exc))
 
@@ -216,6 +216,16 @@ class Reloader:
             return True
 
 
+def next_order(priority: list, served: str, streak: int) -> list:
+    """The queue order for the next dequeue: the config's priority order, except that a queue
+    that gave `C.PRIORITY_BURST` jobs in a row goes to the back for one turn, so a flood of one
+    task delays another task's job by at most that many jobs (no task starves)."""
+    if streak >= C.PRIORITY_BURST and len(priority) > 1:
+        return ([q for q in priority if q.name != served]
+                + [q for q in priority if q.name == served])
+    return list(priority)
+
+
 def device_present(core, device: str) -> bool:
     """Whether OpenVINO sees `device` (GPU matches GPU.0 too)."""
     available = set(core.available_devices)
@@ -231,7 +241,8 @@ def build_models(config: Config, device: str, ring) -> ModelSet:
     if not device_present(core, device):
         raise SystemExit(f"edge-worker: OpenVINO device {device!r} is not present on this "
                          f"host (available: {', '.join(core.available_devices)})")
-    settings = DeviceSettings(device, config.device(device).properties())
+    settings = DeviceSettings(device, config.device(device).properties(),
+                              job_memory=config.limits.job_memory)
     return load_models(config.tasks_on(device), config.bundle_dir, ring, core, settings)
 
 
