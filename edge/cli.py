@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from edge.cli_common import load_config
 from edge.config import Config, ConfigError
-from edge.tasks import TASKS
+from edge.tasks import BUNDLE_TASKS, TASKS
 
 PREPARE_CACHE = Path("~/.cache/edge-daemon/prepared").expanduser()
 
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("prepare", help="convert models and pack them as encrypted bundles")
-    p.add_argument("task", choices=sorted({"tokenize", "asr", "superres", "lcm"}))
+    p.add_argument("task", choices=sorted(BUNDLE_TASKS))
     p.add_argument("--force", action="store_true", help="rebuild even when cached")
     p.add_argument("--cache", type=Path, default=PREPARE_CACHE,
                    help="where plaintext prepared models are kept (build host only)")
@@ -239,7 +239,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     options = _params(args.option)
-    module = importlib.import_module(f"workers.{args.task}.prepare")
+    module = importlib.import_module(f"{TASKS[args.task].module}.prepare")
     folders = module.prepare(args.cache, force=args.force, options=options)
     for folder in folders:
         print(f"prepared {folder}")

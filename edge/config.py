@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from edge import constants as C
-from edge.tasks import TASKS
+from edge.tasks import TASK_ORDER, TASKS
 
 DEVICE_RE = r"^(CPU|GPU(\.\d+)?|NPU(\.\d+)?)$"
 
@@ -140,7 +140,7 @@ class Config:
 
     def tasks_on(self, device: str) -> tuple[str, ...]:
         """Tasks routed to `device`, in priority order."""
-        return tuple(t for t in C.TASK_ORDER if t in self.tasks and device in self.tasks[t].devices)
+        return tuple(t for t in TASK_ORDER if t in self.tasks and device in self.tasks[t].devices)
 
     def worker_metrics_port(self, device: str) -> int:
         """Where a device's worker serves /metrics: its own setting, else metrics_port + 1 + its

@@ -37,11 +37,7 @@ QUEUE_NAME = "edge.{task}.{device}"
 
 JOB_FUNCTION = "workers.jobs.run"
 
-# Task priority: a worker drains short interactive jobs before long ones.
-TASK_ORDER = ("tokenize", "detokenize", "asr", "superres", "lcm")
-# Which bundle task serves a job task (detokenize uses the tokenizer bundles).
-BUNDLE_TASK = {"tokenize": "tokenize", "detokenize": "tokenize", "asr": "asr",
-               "superres": "superres", "lcm": "lcm"}
+# Task names, priorities and bundles: the registry in edge/tasks.py.
 
 # Defaults
 DEFAULT_BLOB_TTL = 3600  # s: a job's payload outlives any sane queue wait

@@ -18,6 +18,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from edge.tasks import TASKS, bundle_task
+
 ROOT = Path(__file__).resolve().parents[1]
 VAR = ROOT / "var"
 PREPARED = Path("~/.cache/edge-daemon/prepared").expanduser()
@@ -42,9 +44,9 @@ def ensure_bundles(tasks: list[str], ring, bundle_dir: Path) -> None:
     import keys
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for task in sorted({{"detokenize": "tokenize"}.get(t, t) for t in tasks}):
+    for task in sorted({bundle_task(t) for t in tasks}):
         started = time.monotonic()
-        module = importlib.import_module(f"workers.{task}.prepare")
+        module = importlib.import_module(f"{TASKS[task].module}.prepare")
         folders = module.prepare(PREPARED)
         for folder in folders:
             manifest = json.loads((folder / "bundle.json").read_text())

@@ -19,6 +19,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from edge import constants as C
+from edge.tasks import TASK_ORDER
 
 log = structlog.get_logger("edge.metrics")
 
@@ -106,7 +107,7 @@ def observe_models(device: str, load_seconds: dict[str, float], served: list[str
     """Model load times and which tasks are ready, after a start or a reload."""
     for task, seconds in load_seconds.items():
         MODEL_LOAD.labels(task, device).set(seconds)
-    for task in C.TASK_ORDER:
+    for task in TASK_ORDER:
         MODELS_READY.labels(task, device).set(1 if task in served else 0)
 
 

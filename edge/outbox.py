@@ -24,6 +24,7 @@ from edge.jobs import Answer, error_answer
 from edge.errors import EdgeError, Internal, PayloadTooLarge
 from edge.mqtt import NOT_AUTHORIZED, PACKET_TOO_LARGE, TOPIC_NAME_INVALID, Outcome, Refused
 from edge.protocol import Outgoing, render
+from edge.tasks import TASKS
 
 log = structlog.get_logger("edge.outbox")
 
@@ -355,7 +356,7 @@ def _pairs(fields) -> dict:
 
 
 def _task_label(task: str) -> str:
-    return task if task in C.TASK_ORDER else "other"
+    return task if task in TASKS else "other"
 
 
 def allowed_topic(answer: Answer, topic: str) -> bool:

@@ -1,9 +1,11 @@
-"""What each task accepts: media types, params and their bounds.
+"""The task registry: every task, what it accepts (media types, params and their bounds), its
+priority on a worker and the bundle folder that serves it.
 
 The agent validates every job against its task's spec before it is stored, so workers and
 pipelines trust what they receive. Each task folder under `workers/` owns its pipeline; the
 contract it answers to is written here, in one place, where the agent (which never imports
-OpenVINO) can read it.
+OpenVINO) can read it. Every list of task names elsewhere is derived from `TASKS`: adding a
+task is one folder under `workers/` and one entry here.
 """
 
 from __future__ import annotations
@@ -88,6 +90,19 @@ class TaskSpec:
     media_types: tuple[str, ...] = ()  # accepted content types for binary input
     params: Mapping[str, Param] = field(default_factory=dict)
     max_items: int = 1  # how many texts / media items one job may carry
+    # the bundles (and the folder `workers/<bundle>/`) that serve it; "" = its own name
+    bundle: str = ""
+
+    @property
+    def bundle_task(self) -> str:
+        """The task name of the bundles that serve this task (detokenize: tokenize)."""
+        return self.bundle or self.name
+
+    @property
+    def module(self) -> str:
+        """The worker package that loads its bundles (`load(bundles, core, device)`) and
+        prepares them (`.prepare`)."""
+        return f"workers.{self.bundle_task}"
 
     def validate_params(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         """Params with defaults filled in; unknown names are refused."""
@@ -107,6 +122,7 @@ _IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
 _AUDIO_TYPES = ("audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave", "audio/pcm",
                 "audio/L16", "application/octet-stream")
 
+# In priority order: a worker drains short interactive jobs before long ones.
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
@@ -123,6 +139,7 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec(
             name="detokenize",
             inputs=("ids",),
+            bundle="tokenize",
             max_items=256,
             params={
                 "model": Param(str, "all-minilm-l6-v2"),
@@ -179,3 +196,12 @@ TASKS: dict[str, TaskSpec] = {
         ),
     )
 }
+
+TASK_ORDER: tuple[str, ...] = tuple(TASKS)  # a worker's queue priority
+BUNDLE_TASKS: tuple[str, ...] = tuple(dict.fromkeys(s.bundle_task for s in TASKS.values()))
+
+
+def bundle_task(task: str) -> str:
+    """The bundle task serving job task `task` (itself when it is not a registered task)."""
+    spec = TASKS.get(task)
+    return spec.bundle_task if spec is not None else task

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import structlog
 
-from edge import constants as C
+from edge.tasks import TASKS, bundle_task
 from workers.api import DeviceSettings, Handler
 from workers.extensions import ExtensionError, Extensions
 
@@ -43,7 +43,7 @@ class ModelSet:
 
     def broken_reason(self, task: str, model: Any) -> str | None:
         """Why model `model` of job task `task` is not served, if its bundle is broken."""
-        reason = self.broken.get(C.BUNDLE_TASK.get(task, task), {}).get(model)
+        reason = self.broken.get(bundle_task(task), {}).get(model)
         return f"model {model!r} is unavailable on this worker: {reason}" if reason else None
 
 
@@ -70,18 +70,18 @@ def load_models(tasks: Sequence[str], bundle_dir: Path, ring: Any, core: Any,
     loaded: dict[str, Handler | str] = {}
     extensions = Extensions(core, device.name)
     for task in tasks:
-        bundle_task = C.BUNDLE_TASK[task]
-        if bundle_task not in loaded:
-            loaded[bundle_task] = _load_task(bundle_task, by_task.get(bundle_task, []), core,
-                                             device, seconds, broken.setdefault(bundle_task, {}),
-                                             extensions)
-        outcome = loaded[bundle_task]
+        served_by = bundle_task(task)
+        if served_by not in loaded:
+            loaded[served_by] = _load_task(served_by, by_task.get(served_by, []), core,
+                                           device, seconds, broken.setdefault(served_by, {}),
+                                           extensions)
+        outcome = loaded[served_by]
         if isinstance(outcome, str):
             unavailable[task] = outcome
         else:
             handlers[task] = outcome
-            models[task] = tuple(sorted(b.name for b in by_task.get(bundle_task, [])
-                                        if b.name not in broken.get(bundle_task, {})))
+            models[task] = tuple(sorted(b.name for b in by_task.get(served_by, [])
+                                        if b.name not in broken.get(served_by, {})))
     return ModelSet(handlers, unavailable, models, seconds,
                     {t: dict(names) for t, names in broken.items() if names},
                     frozenset(extensions.kernel_files))
@@ -142,7 +142,7 @@ def _load_task(task: str, bundles: list, core: Any, device: DeviceSettings,
     try:
         for b in bundles:  # the ops an IR names must exist before the IR is read
             _add_extensions(extensions, b)
-        module = importlib.import_module(f"workers.{task}")
+        module = importlib.import_module(TASKS[task].module)
         handler = module.load([_Tracked(b) for b in bundles], core, device)
     except _BrokenBundle as exc:
         # Chunks are authenticated only when read, so a tampered file shows up here, in the

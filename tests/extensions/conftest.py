@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge import constants as C
+from edge.tasks import TASKS, TaskSpec
 from workers.api import Response, read_ir
 
 TASK = "exttest"
@@ -96,7 +96,7 @@ def exttest_task(monkeypatch):
     module = types.ModuleType(f"workers.{TASK}")
     module.load = load
     monkeypatch.setitem(sys.modules, f"workers.{TASK}", module)
-    monkeypatch.setitem(C.BUNDLE_TASK, TASK, TASK)
+    monkeypatch.setitem(TASKS, TASK, TaskSpec(TASK, inputs=("text",)))
     return state
 
 
