@@ -19,36 +19,10 @@ from typing import Any, Iterable, Mapping
 import redis
 
 from edge import constants as C
+from edge import scripts
 
 PRUNE_AFTER = 10 * C.ALIVE_WINDOW  # s: a beat this old is a worker long gone; its entry goes
 DOC_TTL = int(2 * C.ALIVE_WINDOW)  # s a worker's document outlives its last beat
-
-# Allowed when Redis is full: a beat rewrites entries that already exist, and a gateway whose
-# Redis is full must not believe all its workers dead.
-_BEAT = """#!lua flags=allow-oom
--- KEYS: 1 the worker's document, 2.. the alive set of each queue it serves
--- ARGV: 1 worker name, 2 document (JSON), 3 document TTL (s), 4 prune members older than (s)
--- Returns Redis' TIME {seconds, microseconds}: the stamp of this beat.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-for i = 2, #KEYS do
-  redis.call('ZADD', KEYS[i], now, ARGV[1])
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - tonumber(ARGV[4]))
-end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-return t
-"""
-
-_WATCH = """#!lua flags=allow-oom
--- KEYS: 1 the reaper's watch stamp
--- Returns {seconds, microseconds, previous stamp or nil}: Redis' TIME, and when a reaper last
--- looked (the stamp becomes now).
-local t = redis.call('TIME')
-local prev = redis.call('GET', KEYS[1])
-redis.call('SET', KEYS[1], t[1] .. '.' .. string.format('%06d', tonumber(t[2])))
-return {t[1], t[2], prev}
-"""
-
 
 def redis_time(conn: redis.Redis) -> float:
     """Redis' clock (`TIME`) in unix seconds: the one clock every age here is read in."""
@@ -62,7 +36,7 @@ def beat(conn: redis.Redis, worker: str, queues: Iterable[str], doc: Mapping[str
     not seen for `prune_after` s, and store its document for `ttl` s; one round trip, atomic.
     Returns the stamp (Redis time)."""
     keys = [C.WORKER_KEY.format(worker=worker), *(C.ALIVE_KEY.format(queue=q) for q in queues)]
-    seconds, micros = conn.register_script(_BEAT)(
+    seconds, micros = conn.register_script(scripts.BEAT)(
         keys=keys, args=[worker, json.dumps(doc), ttl, prune_after])
     return int(seconds) + int(micros) / 1e6
 
@@ -104,5 +78,5 @@ def worker_docs(conn: redis.Redis) -> dict[str, dict[str, Any]]:
 def watch(conn: redis.Redis) -> tuple[float, float | None]:
     """Stamp a reaper's pass: Redis' time now, and the stamp of the pass before (any agent's;
     None when no reaper ever looked at this Redis). One round trip."""
-    seconds, micros, prev = conn.register_script(_WATCH)(keys=[C.WATCH_KEY])
+    seconds, micros, prev = conn.register_script(scripts.WATCH)(keys=[C.WATCH_KEY])
     return int(seconds) + int(micros) / 1e6, None if prev is None else float(prev)

@@ -130,9 +130,18 @@ def read_blob(conn: redis.Redis, key: str) -> Mapping[bytes, bytes] | None:
     return fields or None
 
 
-def waiting(conn: redis.Redis | redis.client.Pipeline, queue: str):
-    """How many jobs of `queue` wait in its fair lists (not yet on RQ's list)."""
-    return conn.get(C.WAITING_KEY.format(queue=queue))
+def rq_queue_key(queue: str) -> str:
+    """RQ's list of a queue (RQ names its own keys)."""
+    return f"{Queue.redis_queue_namespace_prefix}{queue}"
+
+
+def depth(conn: redis.Redis, queue: str) -> int:
+    """Jobs waiting in `queue`: on RQ's list and in its fair lists."""
+    pipe = conn.pipeline(transaction=False)
+    pipe.llen(rq_queue_key(queue))
+    pipe.get(C.WAITING_KEY.format(queue=queue))
+    on_list, waiting = pipe.execute()
+    return int(on_list) + int(waiting or 0)
 
 
 class Feeder:
@@ -145,7 +154,7 @@ class Feeder:
         """Top RQ's list of `queue` up; with a pipeline, as part of the caller's round trip
         (sent as EVAL: redis-py would check a registered script with a round trip of its own
         before every execute of a pipeline)."""
-        keys = [f"{Queue.redis_queue_namespace_prefix}{queue}", C.RING_KEY.format(queue=queue),
+        keys = [rq_queue_key(queue), C.RING_KEY.format(queue=queue),
                 C.WAITING_KEY.format(queue=queue)]
         args = [C.FAIR_PREFIX.format(queue=queue), C.FEED_DEPTH]
         if pipeline is not None:

@@ -172,3 +172,30 @@ for i = 1, tonumber(ARGV[3]) do
 end
 return out
 """
+
+# A worker's beat (edge/alive.py). Allowed when Redis is full: a beat rewrites entries that
+# already exist, and a gateway whose Redis is full must not believe all its workers dead.
+BEAT = """#!lua flags=allow-oom
+-- KEYS: 1 the worker's document, 2.. the alive set of each queue it serves
+-- ARGV: 1 worker name, 2 document (JSON), 3 document TTL (s), 4 prune members older than (s)
+-- Returns Redis' TIME {seconds, microseconds}: the stamp of this beat.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+for i = 2, #KEYS do
+  redis.call('ZADD', KEYS[i], now, ARGV[1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - tonumber(ARGV[4]))
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return t
+"""
+
+# A reaper pass's stamp (edge/alive.py).
+WATCH = """#!lua flags=allow-oom
+-- KEYS: 1 the reaper's watch stamp
+-- Returns {seconds, microseconds, previous stamp or nil}: Redis' TIME, and when a reaper last
+-- looked (the stamp becomes now).
+local t = redis.call('TIME')
+local prev = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], t[1] .. '.' .. string.format('%06d', tonumber(t[2])))
+return {t[1], t[2], prev}
+"""

@@ -10,7 +10,7 @@ import redis
 from edge import alive
 from edge import constants as C
 from edge.config import Config
-from edge.queueing import queue_name, waiting
+from edge.queueing import depth, queue_name
 
 
 def node_status(conn: redis.Redis, config: Config, online: bool = True) -> dict[str, Any]:
@@ -21,7 +21,7 @@ def node_status(conn: redis.Redis, config: Config, online: bool = True) -> dict[
         for device in tcfg.devices:
             name = queue_name(task, device)
             queues[name] = {
-                "depth": conn.llen(f"rq:queue:{name}") + int(waiting(conn, name) or 0),
+                "depth": depth(conn, name),
                 "limit": tcfg.queue_limit,
                 "workers": alive.live_count(conn, name, redis_now),
             }
