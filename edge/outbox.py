@@ -79,11 +79,6 @@ def _flat(fields: dict[str, bytes | str]) -> list[bytes | str]:
     return [v for kv in fields.items() for v in kv]
 
 
-# Kept for the modules that import them from here.
-UNANSWERED_KEY = C.UNANSWERED_KEY
-ANSWERED_FIELD = C.ANSWERED_FIELD
-
-
 class Publisher(Protocol):
     """What the relay needs of an MQTT client (`edge.mqtt.MqttClient`)."""
 

@@ -44,7 +44,7 @@ from edge import constants as C
 from edge.config import Config
 from edge.errors import EdgeError, Internal, ModelUnavailable
 from edge.jobs import Job, error_answer
-from edge.outbox import ANSWERED_FIELD, UNANSWERED_KEY, Outbox
+from edge.outbox import Outbox
 from edge.queueing import drain, is_waiting, queue_name
 
 log = structlog.get_logger("edge.reaper")
@@ -172,7 +172,7 @@ class Reaper:
         queue = Queue(name, connection=self.conn, serializer=JSONSerializer)
         started = StartedJobRegistry(name, connection=self.conn, serializer=JSONSerializer)
         for job_id, _ in started.get_job_and_execution_ids(cleanup=False):
-            if self.conn.hexists(RQJob.key_for(job_id), ANSWERED_FIELD):
+            if self.conn.hexists(RQJob.key_for(job_id), C.ANSWERED_FIELD):
                 continue  # answered; RQ's own cleanup retires the entry later
             job = self._fetch(job_id)
             if job is None or job.get_status(refresh=False) != JobStatus.STARTED:
@@ -191,7 +191,7 @@ class Reaper:
         done = 0
         failed = FailedJobRegistry(name, connection=self.conn, serializer=JSONSerializer)
         for job_id in failed.get_job_ids(cleanup=False):
-            if self.conn.hexists(RQJob.key_for(job_id), ANSWERED_FIELD):
+            if self.conn.hexists(RQJob.key_for(job_id), C.ANSWERED_FIELD):
                 continue
             job = self._fetch(job_id)
             if job is not None:
@@ -220,15 +220,15 @@ class Reaper:
         worker that just popped one move it to started). `now` and the index's scores are
         both Redis' clock (the enqueue stamps them with `TIME`)."""
         lost = set()
-        for raw in self.conn.zrangebyscore(UNANSWERED_KEY, "-inf", now - self.reap_after,
+        for raw in self.conn.zrangebyscore(C.UNANSWERED_KEY, "-inf", now - self.reap_after,
                                            start=0, num=batch):
             job_id = raw.decode()
             job = self._fetch(job_id)
             if job is None:  # expired or deleted: nothing left to answer
-                self.conn.zrem(UNANSWERED_KEY, job_id)
+                self.conn.zrem(C.UNANSWERED_KEY, job_id)
                 continue
-            if self.conn.hexists(job.key, ANSWERED_FIELD):
-                self.conn.zrem(UNANSWERED_KEY, job_id)
+            if self.conn.hexists(job.key, C.ANSWERED_FIELD):
+                self.conn.zrem(C.UNANSWERED_KEY, job_id)
                 continue
             if job.get_status(refresh=False) != JobStatus.QUEUED or job.origin not in self.queues:
                 continue  # started / failed: the registry scans handle it
