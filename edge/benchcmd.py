@@ -168,13 +168,14 @@ def bench(config: Any, opts: BenchOptions) -> BenchReport:
     except ImportError:
         pass
     from workers.api import read_ir
-    from workers.worker import device_present, load_ring
+    from keys import load_ring
+    from workers.model_store import device_present
 
     if opts.niter is not None and opts.niter < 1:
         raise BenchError("--niter must be at least 1")
     if opts.seconds is not None and opts.seconds <= 0:
         raise BenchError("--time must be positive")
-    bundle = find_bundle(config.bundle_dir, load_ring(config), opts.bundle, opts.task)
+    bundle = find_bundle(config.bundle_dir, load_ring(config.keyring), opts.bundle, opts.task)
     xml = pick_model_file(bundle, opts.model_file)
     core = ov.Core()
     if not device_present(core, opts.device):

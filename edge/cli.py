@@ -92,9 +92,9 @@ def _resolve_keys(parser: argparse.ArgumentParser):
     config = load_config(args.config)
 
     def load_ring():
-        from workers.worker import load_ring as _load
+        from keys import load_ring as _load
 
-        return _load(config)
+        return _load(config.keyring)
 
     return config.keyring.file, load_ring, config.bundle_dir, config.keyring.signer
 
@@ -144,7 +144,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edge.protocol import Properties, Rejected, parse
     from workers.api import no_progress
     from workers.jobs import request_from_submission, run_inline
-    from workers.worker import build_models, load_ring
+    from keys import load_ring
+    from workers.model_store import build_models
 
     config = load_config(args.config)
     rid = uuid.uuid4().hex[:12]
@@ -156,7 +157,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except Rejected as exc:
         return _print_answer(error_answer(exc.route, exc.error), args.out)
     started = time.perf_counter()
-    models = build_models(_only(config, (args.task,), args.device), args.device, load_ring(config))
+    models = build_models(_only(config, (args.task,), args.device), args.device,
+                          load_ring(config.keyring))
     load_s = time.perf_counter() - started
     try:
         t0 = time.perf_counter()
@@ -246,10 +248,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if args.no_pack:
         return 0
     import keys
-    from workers.worker import load_ring
+    from keys import load_ring
 
     config = load_config(args.config)
-    ring = load_ring(config)
+    ring = load_ring(config.keyring)
     config.bundle_dir.mkdir(parents=True, exist_ok=True)
     for folder in folders:
         path = keys.pack_bundle(folder, config.bundle_dir, ring)

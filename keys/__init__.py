@@ -2,7 +2,7 @@
 
 from keys.bundle import Bundle, open_all, pack_bundle, verify_bundle
 from keys.errors import BundleError, KeyringError
-from keys.keyring import Keyring
+from keys.keyring import Keyring, load_ring
 from keys.legacy import import_openssl
 from keys.rotation import bundles_needing, rewrap_bundle
 
@@ -13,6 +13,7 @@ __all__ = [
     "KeyringError",
     "bundles_needing",
     "import_openssl",
+    "load_ring",
     "open_all",
     "pack_bundle",
     "rewrap_bundle",

@@ -15,6 +15,9 @@ import secrets
 import stat
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import structlog
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -22,6 +25,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from keys import sealed
 from keys._fs import write_private
 from keys.errors import KeyringError
+
+log = structlog.get_logger("keys")
 
 KEY_BYTES = 32
 _KID = re.compile(r"^k\d{8}-[0-9a-f]{6}$")
@@ -184,3 +189,19 @@ class Keyring:
             return cls.from_env_value(env_value)
         tried.append("environment value")
         raise KeyringError(f"no keyring found (tried {', '.join(tried)})")
+
+
+def load_ring(source: Any) -> Keyring:
+    """The gateway's keyring from its sources, in order: the systemd credential named
+    `source.credential` (in $CREDENTIALS_DIRECTORY), the key file `source.file`, then (for
+    development only, with a warning) the environment variable `source.env`.
+
+    `source` is the daemon config's `[keyring]` section (edge.config.KeyringConfig).
+    """
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    env_value = os.environ.get(source.env) if source.env else None
+    if env_value and not creds and not (source.file and Path(source.file).exists()):
+        log.warning("keyring_from_environment", variable=source.env,
+                    note="for development only; use a systemd credential in production")
+    return Keyring.from_sources(Path(creds) if creds else None, source.file, env_value,
+                                credential_name=source.credential)

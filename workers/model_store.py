@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import structlog
 
+from edge.config import Config
 from edge.tasks import TASKS, bundle_task
 from workers.api import DeviceSettings, Handler
 from workers.extensions import ExtensionError, Extensions
@@ -164,3 +165,23 @@ def _add_extensions(extensions: Extensions, bundle: Any) -> None:
         extensions.apply(_Tracked(bundle))
     except ExtensionError as exc:
         raise _BrokenBundle(bundle.name, exc) from exc
+
+
+def device_present(core, device: str) -> bool:
+    """Whether OpenVINO sees `device` (GPU matches GPU.0 too)."""
+    available = set(core.available_devices)
+    return device in available or (device in ("GPU", "NPU") and f"{device}.0" in available)
+
+
+def build_models(config: Config, device: str, ring: Any) -> ModelSet:
+    """Compile everything this device serves."""
+    import openvino as ov
+    import openvino_tokenizers  # noqa: F401 - registers its ops with every Core made after it
+
+    core = ov.Core()
+    if not device_present(core, device):
+        raise SystemExit(f"edge-worker: OpenVINO device {device!r} is not present on this "
+                         f"host (available: {', '.join(core.available_devices)})")
+    settings = DeviceSettings(device, config.device(device).properties(),
+                              job_memory=config.limits.job_memory)
+    return load_models(config.tasks_on(device), config.bundle_dir, ring, core, settings)

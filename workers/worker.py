@@ -13,7 +13,6 @@ import socket
 import sys
 import threading
 import time
-from pathlib import Path
 
 import redis
 import structlog
@@ -27,10 +26,10 @@ from edge import constants as C
 from edge import alive, metrics, sdnotify
 from edge.config import Config
 from edge.queueing import Feeder, queue_name
+from keys import load_ring
 from workers import jobs
-from workers.api import DeviceSettings
 from workers.extensions import prune_kernel_files
-from workers.model_store import ModelSet, load_models
+from workers.model_store import build_models
 
 log = structlog.get_logger("workers.worker")
 
@@ -193,7 +192,7 @@ class Reloader:
             log.info("reload_started")
             sdnotify.reloading("recompiling bundles with the new keyring")
             try:
-                ring = load_ring(self.config)
+                ring = load_ring(self.config.keyring)
                 models = build_models(self.config, self.device, ring)
             except (keys.KeyringError, SystemExit) as exc:
                 log.error("reload_failed", error=str(exc))
@@ -226,39 +225,6 @@ def next_order(priority: list, served: str, streak: int) -> list:
     return list(priority)
 
 
-def device_present(core, device: str) -> bool:
-    """Whether OpenVINO sees `device` (GPU matches GPU.0 too)."""
-    available = set(core.available_devices)
-    return device in available or (device in ("GPU", "NPU") and f"{device}.0" in available)
-
-
-def build_models(config: Config, device: str, ring) -> ModelSet:
-    """Compile everything this device serves."""
-    import openvino as ov
-    import openvino_tokenizers  # noqa: F401 - registers its ops with every Core made after it
-
-    core = ov.Core()
-    if not device_present(core, device):
-        raise SystemExit(f"edge-worker: OpenVINO device {device!r} is not present on this "
-                         f"host (available: {', '.join(core.available_devices)})")
-    settings = DeviceSettings(device, config.device(device).properties(),
-                              job_memory=config.limits.job_memory)
-    return load_models(config.tasks_on(device), config.bundle_dir, ring, core, settings)
-
-
-def load_ring(config: Config):
-    """The keyring from its sources: systemd credential, file, then (dev only) env."""
-    import keys
-
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    env_value = os.environ.get(config.keyring.env) if config.keyring.env else None
-    if env_value and not creds and not (config.keyring.file and config.keyring.file.exists()):
-        log.warning("keyring_from_environment", variable=config.keyring.env,
-                    note="for development only; use a systemd credential in production")
-    return keys.Keyring.from_sources(Path(creds) if creds else None, config.keyring.file,
-                                     env_value, credential_name=config.keyring.credential)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `edge-worker`."""
     from edge.cli_common import start_daemon
@@ -278,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     import keys
 
     try:
-        ring = load_ring(config)
+        ring = load_ring(config.keyring)
     except keys.KeyringError as exc:
         print(f"edge-worker: {exc}", file=sys.stderr)
         return 2

@@ -16,10 +16,16 @@ from pathlib import Path
 
 import pytest
 
+from edge.config import Config
 from tests.extensions.conftest import TASK, model_files
 from workers.api import DeviceSettings
-from workers.extensions import (ExtensionError, fs_type, gpu_config_text, remove_kernel_dir,
-                                require_ram_fs)
+from workers.extensions import (
+    ExtensionError,
+    fs_type,
+    gpu_config_text,
+    remove_kernel_dir,
+    require_ram_fs,
+)
 from workers.model_store import load_models
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -243,7 +249,7 @@ def test_reload_with_changed_kernels_removes_the_old_files(gpu_bundle, ring, ext
     monkeypatch.setattr(worker, "load_ring", lambda config: ring)
     monkeypatch.setattr(worker, "build_models", lambda config, device, ring: new_models)
     runtime = jobs.Runtime("w", "GPU", old_models)
-    assert worker.Reloader(None, "GPU", runtime).reload()
+    assert worker.Reloader(Config(), "GPU", runtime).reload()
 
     assert runtime.models is new_models
     assert sorted(os.path.join(kernel_dir, f) for f in os.listdir(kernel_dir)) == sorted(
