@@ -40,10 +40,21 @@ class LoadResult:
     lost: list[str] = field(default_factory=list)
     duplicated: dict[str, int] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
+    answered_by: float = 0.0  # s from the first publish to the last first answer
 
     @property
     def rate(self) -> float:
+        """Jobs published per second (what was offered)."""
         return self.sent / self.seconds if self.seconds else 0.0
+
+    @property
+    def ok_ratio(self) -> float:
+        return self.codes["ok"] / self.sent if self.sent else 0.0
+
+    @property
+    def answer_rate(self) -> float:
+        """`ok` answers per second, first publish to last answer (what was served)."""
+        return self.codes["ok"] / self.answered_by if self.answered_by else 0.0
 
     def percentile(self, q: float) -> float:
         if not self.latencies_ms:
@@ -53,7 +64,8 @@ class LoadResult:
 
     def summary(self) -> str:
         return (f"sent {self.sent} in {self.seconds:.1f} s ({self.rate:.1f} jobs/s); "
-                f"answers {dict(self.codes)}; lost {len(self.lost)}; "
+                f"answers {dict(self.codes)} ({self.ok_ratio:.2%} ok, {self.answer_rate:.1f} "
+                f"ok answers/s over {self.answered_by:.1f} s); lost {len(self.lost)}; "
                 f"duplicated {len(self.duplicated)}; latency p50 {self.percentile(0.5):.1f} ms "
                 f"p99 {self.percentile(0.99):.1f} ms max {max(self.latencies_ms or [0]):.1f} ms")
 
@@ -100,6 +112,7 @@ def run_load(dev, rate: float, seconds: float, prefix: str = "ld",
         body, at = got[0]
         result.codes["ok" if body.get("status") == "ok" else body["error"]["code"]] += 1
         result.latencies_ms.append((at - sent_at[rid]) * 1000)
+        result.answered_by = max(result.answered_by, at - start)
     return result
 
 

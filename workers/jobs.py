@@ -20,9 +20,8 @@ from edge import constants as C
 from edge import metrics
 from edge.errors import (BadRequest, EdgeError, Internal, ModelUnavailable, PayloadTooLarge,
                          Timeout)
-from edge.jobs import Answer, Job
+from edge.jobs import Answer, Job, result_body
 from edge.outbox import Outbox
-from edge.protocol import result_body
 from edge.queueing import read_blob
 from workers.api import Media, Request, Response
 from workers.model_store import ModelSet
@@ -66,6 +65,9 @@ def run(job_json: str) -> None:
     with structlog.contextvars.bound_contextvars(
             job_id=job.route.request_id, device_id=job.route.device_id, task=job.task,
             worker=rt.worker if rt else None):
+        # before anything can fail or hang: tests count executions (a rerun that crashes
+        # or times out too) from this line, and an operator sees what a dead worker was doing
+        log.info("job_started")
         outbox = Outbox(conn)
         answer = execute(job, conn, rt, progress=lambda body: outbox.append(
             Answer(job.route, "progress", dict(body))))

@@ -3,6 +3,10 @@
 `python -m tests.faults.fault_worker --device CPU` runs `workers.worker.main` after patching
 the request builder: a job whose text is `__stop__` stops its own process (SIGSTOP) while
 started, `__segv__` dies of SIGSEGV, `__sleep:N__` sleeps N seconds inside the job.
+
+With `--crash-after-beat` first, the worker loads its models, connects to Redis, tells the
+agent it is alive (one heartbeat, as at every start) and then dies (exit 1) before it takes a
+job: a worker that crashes at start-up, which systemd's `Restart=on-failure` starts again.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import sys
 import time
 
 from workers import jobs, worker
+
+CRASH_AFTER_BEAT = "--crash-after-beat"
 
 _to_request = jobs.to_request
 
@@ -29,7 +35,16 @@ def _misbehaving(job, blob):
     return request
 
 
+def _beat_then_crash(self, *args, **kwargs):
+    self._announce()  # alive in Redis: the agent routes jobs to this worker
+    os._exit(1)  # no clean-up, no withdrawal: a crash
+
+
 jobs.to_request = _misbehaving
 
 if __name__ == "__main__":
-    sys.exit(worker.main(sys.argv[1:]))
+    argv = sys.argv[1:]
+    if CRASH_AFTER_BEAT in argv:
+        argv.remove(CRASH_AFTER_BEAT)
+        worker.EdgeWorker.work = _beat_then_crash
+    sys.exit(worker.main(argv))

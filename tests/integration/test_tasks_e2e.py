@@ -68,7 +68,7 @@ def test_asr_bad_audio_is_answered_and_the_worker_keeps_serving(asr_daemon):
         ok = dev.request("asr", data=_speech("Hello there."), request_id="good-1", timeout=120)
     assert junk.body["status"] == "error"
     assert junk.body["error"]["code"] in ("unsupported_media", "bad_request")
-    assert empty.body["status"] in ("ok", "error")
+    assert empty.ok and empty.body["result"]["text"] == "", empty.body  # 2 ms of silence
     assert ok.ok
 
 
