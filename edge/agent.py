@@ -22,11 +22,12 @@ from edge.config import Config
 from edge.errors import Busy, EdgeError, Internal
 from edge.jobs import Answer, error_answer
 from edge.mqtt import MqttClient, Refused
-from edge.outbox import Outbox, OutboxRelay
+from edge.outbox import Outbox
 from edge.protocol import Outgoing, Properties, Rejected, parse
 from edge.queueing import Enqueuer
 from edge.reaper import Reaper
 from edge.redisconn import connect
+from edge.relay import OutboxRelay
 from edge.status import node_status
 
 log = structlog.get_logger("edge.agent")

@@ -9,7 +9,8 @@ import redis
 
 from edge import constants as C
 from edge.jobs import Answer, Route, result_body
-from edge.outbox import Outbox, OutboxRelay
+from edge.outbox import Outbox
+from edge.relay import OutboxRelay
 from tests.integration.fakes import FakePublisher
 
 pytestmark = [pytest.mark.integration]
@@ -97,9 +98,9 @@ def test_a_route_with_a_forged_device_id_is_not_published(conn):
 
 
 def test_the_relay_reads_big_answers_a_few_at_a_time(conn, monkeypatch):
-    import edge.outbox as outbox_module
+    import edge.relay as relay_module
 
-    monkeypatch.setattr(outbox_module, "READ_BUDGET", 8 << 20)
+    monkeypatch.setattr(relay_module, "READ_BUDGET", 8 << 20)
     outbox, broker = Outbox(conn), Recorder()
     relay = OutboxRelay(conn, broker, consumer="agent-1")
     for i in range(6):

@@ -1,4 +1,4 @@
-"""Stand-ins for the relay's MQTT client (`edge.outbox.Publisher`) in the relay tests."""
+"""Stand-ins for the relay's MQTT client (`edge.relay.Publisher`) in the relay tests."""
 
 from __future__ import annotations
 

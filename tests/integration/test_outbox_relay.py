@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from edge.jobs import Answer, Route
-from edge.outbox import Outbox, OutboxRelay
-from edge.jobs import result_body
+from edge.jobs import Answer, Route, result_body
+from edge.outbox import Outbox
 from edge.protocol import Outgoing
+from edge.relay import OutboxRelay
 from tests.integration.fakes import FakePublisher
 from workers.api import Media, Response
 from workers.jobs import check_answer_size

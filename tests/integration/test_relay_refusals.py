@@ -21,13 +21,19 @@ from edge import constants as C
 from edge import mqtt as mqtt_module
 from edge import outbox as outbox_module
 from edge.config import MqttConfig
-from edge.jobs import Answer, Route
+from edge.jobs import Answer, Route, result_body
 from edge.metrics import REGISTRY
-from edge.mqtt import (NOT_AUTHORIZED, PAYLOAD_FORMAT_INVALID, QUOTA_EXCEEDED, MqttClient,
-                       Refused, publish_packet_size)
-from edge.outbox import Outbox, OutboxRelay
-from edge.jobs import result_body
+from edge.mqtt import (
+    NOT_AUTHORIZED,
+    PAYLOAD_FORMAT_INVALID,
+    QUOTA_EXCEEDED,
+    MqttClient,
+    Refused,
+    publish_packet_size,
+)
+from edge.outbox import Outbox
 from edge.protocol import Outgoing, render
+from edge.relay import OutboxRelay
 from tests.integration.fakes import FakePublisher
 
 pytestmark = pytest.mark.integration
