@@ -139,13 +139,12 @@ def envelope(task: str, inputs: list[str], params: dict[str, Any], rid: str) -> 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """One job through the same validation, bundle and handler a worker uses."""
-    from edge.errors import EdgeError
-    from edge.jobs import Answer, error_answer, result_body
+    from edge.jobs import Payload, error_answer
     from edge.protocol import Properties, Rejected, parse
-    from workers.api import no_progress
-    from workers.jobs import request_from_submission, run_inline
     from keys import load_ring
+    from workers.api import no_progress
     from workers.model_store import build_models
+    from workers.perform import in_process, perform
 
     config = load_config(args.config)
     rid = uuid.uuid4().hex[:12]
@@ -160,16 +159,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     models = build_models(_only(config, (args.task,), args.device), args.device,
                           load_ring(config.keyring))
     load_s = time.perf_counter() - started
-    try:
-        t0 = time.perf_counter()
-        resp = run_inline(models, args.task, request_from_submission(sub), no_progress)
-        run_ms = (time.perf_counter() - t0) * 1000
-        body = result_body(sub.route, result=resp.result,
-                           timings={"load_ms": load_s * 1000, "run_ms": run_ms})
-        answer = Answer(sub.route, "result", body,
-                        tuple((m.content_type, m.data) for m in resp.media))
-    except EdgeError as exc:
-        answer = error_answer(sub.route, exc)
+    payload = Payload(sub.text, sub.ids, sub.media)
+    answer = perform(in_process(sub.route, sub.params, batch=sub.batch), models,
+                     lambda: payload, no_progress)
+    answer.body.setdefault("timings", {})["load_ms"] = round(load_s * 1000, 3)
     return _print_answer(answer, args.out)
 
 

@@ -35,7 +35,7 @@ WORKER_KEY = KEY_PREFIX + "worker:{worker}"  # JSON: device, models, unavailable
 WATCH_KEY = KEY_PREFIX + "reaper:watched"  # Redis TIME (s) of the last pass of any reaper
 QUEUE_NAME = "edge.{task}.{device}"
 
-JOB_FUNCTION = "workers.jobs.run"
+JOB_FUNCTION = "workers.perform.run"
 
 # Task names, priorities and bundles: the registry in edge/tasks.py.
 

@@ -24,8 +24,9 @@ from typing import Any, Mapping, Sequence
 import structlog
 
 from edge.config import Config
+from edge.errors import ModelUnavailable
 from edge.tasks import TASKS, bundle_task
-from workers.api import DeviceSettings, Handler
+from workers.api import DeviceSettings, Handler, Progress, Request, Response
 from workers.extensions import ExtensionError, Extensions
 
 log = structlog.get_logger("workers.model_store")
@@ -46,6 +47,21 @@ class ModelSet:
         """Why model `model` of job task `task` is not served, if its bundle is broken."""
         reason = self.broken.get(bundle_task(task), {}).get(model)
         return f"model {model!r} is unavailable on this worker: {reason}" if reason else None
+
+    def check(self, task: str, model: Any = None) -> Handler:
+        """The handler of `task`; ModelUnavailable, with the reason, when the task or the
+        model named is not served here."""
+        handler = self.handlers.get(task)
+        if handler is None:
+            raise ModelUnavailable(self.unavailable.get(task, f"{task} is not served here"))
+        broken = self.broken_reason(task, model)
+        if broken is not None:  # else the handler would call the model "unknown"
+            raise ModelUnavailable(broken)
+        return handler
+
+    def handle(self, request: Request, progress: Progress) -> Response:
+        """Run one request through its task's handler (see `check` for what is refused)."""
+        return self.check(request.task, request.params.get("model"))(request, progress)
 
 
 def load_models(tasks: Sequence[str], bundle_dir: Path, ring: Any, core: Any,

@@ -22,12 +22,12 @@ from rq.serializers import JSONSerializer
 from rq.utils import now
 from rq.worker import WorkerStatus
 
-from edge import constants as C
 from edge import alive, metrics, sdnotify
+from edge import constants as C
 from edge.config import Config
 from edge.queueing import Feeder, queue_name
 from keys import load_ring
-from workers import jobs
+from workers import perform
 from workers.extensions import prune_kernel_files
 from workers.model_store import build_models
 
@@ -39,7 +39,7 @@ HEARTBEAT_DEBOUNCE = 1.0  # s: RQ heartbeats closer together than this are not s
 class EdgeWorker(SimpleWorker):
     """A SimpleWorker that tells the agent, every few seconds, which queues it serves."""
 
-    def __init__(self, queues, *, runtime: jobs.Runtime, **kwargs) -> None:
+    def __init__(self, queues, *, runtime: perform.Runtime, **kwargs) -> None:
         super().__init__(queues, serializer=JSONSerializer, worker_ttl=35, **kwargs)
         self.runtime = runtime
         self._beating = threading.Event()
@@ -51,7 +51,7 @@ class EdgeWorker(SimpleWorker):
         self._last, self._streak = None, 0  # the queue of the last job; jobs in a row from it
         # Watchdog: the loop beats at least every dequeue_timeout; allow Redis back-off too.
         self.progress = sdnotify.Progress(stall_after=self.dequeue_timeout + 100)
-        jobs.install(runtime)
+        perform.install(runtime)
 
     def heartbeat(self, timeout=None, pipeline=None):
         self.progress.beat()  # before Redis: a Redis outage is not a hung worker
@@ -178,7 +178,7 @@ class Reloader:
     that fails (keyring missing, every bundle broken) keeps the old models and says why.
     """
 
-    def __init__(self, config: Config, device: str, runtime: jobs.Runtime) -> None:
+    def __init__(self, config: Config, device: str, runtime: perform.Runtime) -> None:
         self.config, self.device, self.runtime = config, device, runtime
         self._lock = threading.Lock()
 
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-worker: no task could be loaded on {args.device}", file=sys.stderr)
         return 3
     name = args.name or f"{socket.gethostname()}-{args.device}-{os.getpid()}"
-    runtime = jobs.Runtime(worker=name, device=args.device, models=models)
+    runtime = perform.Runtime(worker=name, device=args.device, models=models)
     conn = connect(config.redis.for_worker())
     metrics.observe_models(args.device, dict(models.load_seconds), served)
     metrics.serve(config.worker_metrics_port(args.device))

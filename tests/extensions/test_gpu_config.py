@@ -232,7 +232,7 @@ def test_reload_with_changed_kernels_removes_the_old_files(gpu_bundle, ring, ext
                                                            monkeypatch):
     """The worker's reload swaps in models compiled with new kernels, then removes the files
     only the old models used (they were read when those compiled)."""
-    from workers import jobs, worker
+    from workers import perform, worker
 
     exttest_task["compile"] = False
     root = gpu_bundle()
@@ -248,7 +248,7 @@ def test_reload_with_changed_kernels_removes_the_old_files(gpu_bundle, ring, ext
 
     monkeypatch.setattr(worker, "load_ring", lambda config: ring)
     monkeypatch.setattr(worker, "build_models", lambda config, device, ring: new_models)
-    runtime = jobs.Runtime("w", "GPU", old_models)
+    runtime = perform.Runtime("w", "GPU", old_models)
     assert worker.Reloader(Config(), "GPU", runtime).reload()
 
     assert runtime.models is new_models

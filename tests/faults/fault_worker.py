@@ -16,15 +16,15 @@ import signal
 import sys
 import time
 
-from workers import jobs, worker
+from workers import perform, worker
 
 CRASH_AFTER_BEAT = "--crash-after-beat"
 
-_to_request = jobs.to_request
+_to_request = perform.to_request
 
 
-def _misbehaving(job, blob):
-    request = _to_request(job, blob)
+def _misbehaving(job, payload):
+    request = _to_request(job, payload)
     text = request.text if isinstance(request.text, str) else ""
     if text == "__stop__":
         os.kill(os.getpid(), signal.SIGSTOP)
@@ -40,7 +40,7 @@ def _beat_then_crash(self, *args, **kwargs):
     os._exit(1)  # no clean-up, no withdrawal: a crash
 
 
-jobs.to_request = _misbehaving
+perform.to_request = _misbehaving
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

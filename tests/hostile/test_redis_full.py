@@ -4,7 +4,6 @@ already accepted are still run and answered, and status says why."""
 from __future__ import annotations
 
 import signal
-import time
 
 import pytest
 

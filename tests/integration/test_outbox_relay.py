@@ -13,7 +13,7 @@ from edge.protocol import Outgoing
 from edge.relay import OutboxRelay
 from tests.integration.fakes import FakePublisher
 from workers.api import Media, Response
-from workers.jobs import check_answer_size
+from workers.perform import check_answer_size
 
 pytestmark = pytest.mark.integration
 

@@ -24,7 +24,7 @@ from edge.jobs import Answer, Job, Route, job_key
 from edge.reaper import REAP_AFTER, Reaper
 from edge.status import node_status
 from tests.faults.helpers import TcpProxy, wait_for
-from workers import jobs
+from workers import perform
 from workers.model_store import ModelSet
 from workers.worker import EdgeWorker
 
@@ -74,7 +74,7 @@ def _fell_silent(conn: redis.Redis, worker: str, ago: float = SILENT) -> None:
 
 
 def _worker(conn: redis.Redis, name: str) -> EdgeWorker:
-    runtime = jobs.Runtime(name, "CPU", ModelSet(handlers={}, unavailable={}))
+    runtime = perform.Runtime(name, "CPU", ModelSet(handlers={}, unavailable={}))
     return EdgeWorker([Queue(QUEUE, connection=conn, serializer=JSONSerializer)],
                       runtime=runtime, connection=conn, name=name)
 

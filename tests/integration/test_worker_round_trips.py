@@ -17,9 +17,9 @@ from rq.serializers import JSONSerializer
 from edge import constants as C
 from edge.jobs import Job, Route
 from edge.outbox import Outbox
-from workers import jobs
-from workers.model_store import ModelSet
+from workers import perform
 from workers import worker as worker_module
+from workers.model_store import ModelSet
 from workers.worker import EdgeWorker
 
 pytestmark = pytest.mark.integration
@@ -52,18 +52,18 @@ def test_a_dequeued_job_starts_after_one_round_trip(conn, monkeypatch):
         return result
 
     monkeypatch.setattr(Queue, "dequeue_any", classmethod(dequeue_any))
-    original_execute = jobs.execute
+    original_execute = perform.execute
 
     def execute(job, *args, **kwargs):
         marks["started"] = sent[0]
         return original_execute(job, *args, **kwargs)
 
-    monkeypatch.setattr(jobs, "execute", execute)
+    monkeypatch.setattr(perform, "execute", execute)
 
     queue = Queue("edge.tokenize.CPU", connection=conn, serializer=JSONSerializer)
     job = _job("r1")
     queue.enqueue(C.JOB_FUNCTION, job.to_json(), job_id=job.key)
-    runtime = jobs.Runtime("w-test", "CPU", ModelSet(handlers={}, unavailable={}))
+    runtime = perform.Runtime("w-test", "CPU", ModelSet(handlers={}, unavailable={}))
     # as at 1 job/s and slower: every heartbeat is due (none falls inside the debounce)
     monkeypatch.setattr(worker_module, "HEARTBEAT_DEBOUNCE", 0.0)
     worker = EdgeWorker([queue], runtime=runtime, connection=conn)

@@ -11,7 +11,6 @@ import pytest
 from edge.errors import ModelUnavailable
 from edge.localdaemon import ROOT, write_config
 from workers.api import DeviceSettings, Request, no_progress
-from workers.jobs import run_inline
 
 
 def _flip(path: Path, at: int) -> None:
@@ -32,8 +31,7 @@ def _load(root: Path, ring_path: Path):
 
 
 def _ask(models, model: str):
-    return run_inline(models, "tokenize",
-                      Request("tokenize", params={"model": model}, text="hello"), no_progress)
+    return models.handle(Request("tokenize", params={"model": model}, text="hello"), no_progress)
 
 
 def test_tampered_bundles_are_unavailable_by_name_and_the_others_serve(private_keys):
@@ -56,8 +54,8 @@ def test_tampered_bundles_are_unavailable_by_name_and_the_others_serve(private_k
         with pytest.raises(ModelUnavailable, match=name):
             _ask(models, name)
     with pytest.raises(ModelUnavailable, match="fails authentication"):
-        run_inline(models, "detokenize", Request("detokenize", params={"model": "clip-vit-b32"},
-                                                 ids=(1, 2)), no_progress)
+        models.handle(Request("detokenize", params={"model": "clip-vit-b32"}, ids=(1, 2)),
+                      no_progress)
 
 
 def test_worker_whose_only_task_is_all_broken_exits_with_a_clear_message(private_keys,

@@ -26,7 +26,6 @@ from workers.api import BundleLike, DeviceSettings, read_ir
 from workers.asr.decoding import Detokenizer, LogitRules, Segment, split_segments
 from workers.asr.features import log_mel
 
-
 NO_SPEECH_THRESHOLD = 0.6  # OpenAI Whisper's defaults for skipping a silent window
 LOGPROB_THRESHOLD = -1.0
 SILENCE_RMS = 1e-3  # -60 dBFS: a window this quiet is silence, whatever the model says

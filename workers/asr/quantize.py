@@ -46,7 +46,9 @@ def quantize_folder(src: Path, out: Path, *, name: str) -> Path:
     import nncf
     import openvino as ov
     from nncf.quantization.advanced_parameters import (
-        AdvancedQuantizationParameters, AdvancedSmoothQuantParameters)
+        AdvancedQuantizationParameters,
+        AdvancedSmoothQuantParameters,
+    )
 
     from workers.api import DeviceSettings, FolderBundle
     from workers.asr.pipeline import WhisperPipeline

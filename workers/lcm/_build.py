@@ -72,8 +72,12 @@ ARCHS: dict[str, dict[str, Any]] = {
 def build_pipeline(arch: str = "tiny", seed: int = 0) -> Any:
     """A randomly initialised diffusers LatentConsistencyModelPipeline, same weights per seed."""
     import torch
-    from diffusers import (AutoencoderKL, LatentConsistencyModelPipeline, LCMScheduler,
-                           UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        LatentConsistencyModelPipeline,
+        LCMScheduler,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     spec = ARCHS[arch]

@@ -10,8 +10,8 @@ text pre-processing makes the IR agree with Hugging Face `tokenizers`.
 from __future__ import annotations
 
 import gzip
-import json
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
