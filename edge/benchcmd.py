@@ -167,8 +167,8 @@ def bench(config: Any, opts: BenchOptions) -> BenchReport:
         import openvino_tokenizers  # noqa: F401 - registers the tokenizer ops with new Cores
     except ImportError:
         pass
-    from workers.api import read_ir
     from keys import load_ring
+    from workers.api import read_ir
     from workers.model_store import device_present
 
     if opts.niter is not None and opts.niter < 1:

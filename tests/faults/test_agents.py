@@ -12,8 +12,15 @@ import pytest
 
 from edge.localdaemon import ROOT
 from tests.faults.conftest import start_worker
-from tests.faults.helpers import (TcpProxy, assert_promise, collect, rq_key, runs, wait_for,
-                                  watch_duplicates)
+from tests.faults.helpers import (
+    TcpProxy,
+    assert_promise,
+    collect,
+    rq_key,
+    runs,
+    wait_for,
+    watch_duplicates,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -9,8 +9,15 @@ import time
 import pytest
 
 from tests.faults.conftest import QUEUE, start_worker
-from tests.faults.helpers import (TcpProxy, assert_promise, collect, rq_key, runs, wait_for,
-                                  wait_status)
+from tests.faults.helpers import (
+    TcpProxy,
+    assert_promise,
+    collect,
+    rq_key,
+    runs,
+    wait_for,
+    wait_status,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

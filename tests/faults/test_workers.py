@@ -11,8 +11,16 @@ from edge import constants as C
 from edge.reaper import REAP_AFTER
 from tests.faults.conftest import QUEUE, spawn_worker, start_worker, worker_name
 from tests.faults.fault_worker import CRASH_AFTER_BEAT
-from tests.faults.helpers import (assert_promise, collect, rq_key, runs, wait_for, wait_status,
-                                  watch_duplicates, worker_events)
+from tests.faults.helpers import (
+    assert_promise,
+    collect,
+    rq_key,
+    runs,
+    wait_for,
+    wait_status,
+    watch_duplicates,
+    worker_events,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
