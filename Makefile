@@ -5,16 +5,20 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench clean install
+.PHONY: setup demo test test-fast lint bench clean install
 
 setup:
 	@scripts/setup.sh
 
 demo: setup
-	$(PY) -m edge.demo
+	$(PY) -m edgectl.demo
 
-test: setup
+test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check edge edgectl keys workers
+	$(VENV)/bin/mypy
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

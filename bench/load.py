@@ -129,7 +129,7 @@ def _drain(dev, rid: str, into: list) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     import keys
-    from edge.localdaemon import Daemon
+    from edgectl.localdaemon import Daemon
     from workers.tokenize.prepare import prepare
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

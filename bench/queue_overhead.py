@@ -30,8 +30,8 @@ import redis  # noqa: E402
 from rq import Queue  # noqa: E402
 from rq.serializers import JSONSerializer  # noqa: E402
 
-from edge.localdaemon import Daemon  # noqa: E402
-from edge.localservices import RedisServer  # noqa: E402
+from edgectl.localdaemon import Daemon  # noqa: E402
+from edgectl.localservices import RedisServer  # noqa: E402
 
 PREPARED = Path("~/.cache/edge-daemon/prepared").expanduser()
 TEXT = "Edge inference on the gateway, measured."

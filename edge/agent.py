@@ -215,7 +215,7 @@ class Agent:
 
 def main(argv: list[str] | None = None) -> int:
     """`edge-agent [--config FILE]`."""
-    from edge.cli_common import start_daemon
+    from edge.startup import start_daemon
 
     parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="daemon TOML (default: $EDGE_CONFIG or configs/demo.toml)")

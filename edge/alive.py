@@ -14,7 +14,8 @@ stamp old learns that nobody watched Redis in between (Redis was down, or the ag
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import redis
 
@@ -52,8 +53,9 @@ def withdraw(conn: redis.Redis, worker: str, queues: Iterable[str]) -> None:
 
 def beats(conn: redis.Redis, queue: str) -> dict[str, float]:
     """Every worker that beat on `queue` lately -> its last stamp (Redis time)."""
-    return {w.decode(): s for w, s in
-            conn.zrange(C.ALIVE_KEY.format(queue=queue), 0, -1, withscores=True)}
+    members: list[tuple[bytes, float]] = conn.zrange(C.ALIVE_KEY.format(queue=queue), 0, -1,
+                                                     withscores=True)  # type: ignore[assignment]
+    return {w.decode(): s for w, s in members}
 
 
 def live_count(conn: redis.Redis, queue: str, now: float | None = None,

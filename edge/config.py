@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, TypeAlias
 
 from edge import constants as C
 from edge.tasks import TASK_ORDER, TASKS
 
 DEVICE_RE = r"^(CPU|GPU(\.\d+)?|NPU(\.\d+)?)$"
+DEFAULT_NODE = "edge-gateway"
 
 
 class ConfigError(Exception):
@@ -121,7 +123,7 @@ class KeyringConfig:
 class Config:
     """The whole daemon configuration."""
 
-    node: str = "edge-gateway"
+    node: str = DEFAULT_NODE
     bundle_dir: Path = Path("var/bundles")
     blob_ttl: int = C.DEFAULT_BLOB_TTL
     dedup_ttl: int = C.DEFAULT_DEDUP_TTL
@@ -178,7 +180,7 @@ def parse(raw: Mapping[str, Any], base: Path = Path(".")) -> Config:
     """Build a Config from a parsed TOML table; relative paths resolve against `base`."""
     r = _Reader(raw, "", base)
     cfg = Config(
-        node=r.str("node", Config.node, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"),
+        node=r.str("node", DEFAULT_NODE, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"),
         bundle_dir=r.path("bundle_dir", Path("var/bundles")),
         blob_ttl=r.int("blob_ttl", C.DEFAULT_BLOB_TTL, low=10),
         dedup_ttl=r.int("dedup_ttl", C.DEFAULT_DEDUP_TTL, low=10),
@@ -289,31 +291,35 @@ def _devices(r: _Reader) -> dict[str, DeviceConfig]:
     return out
 
 
+_Str: TypeAlias = str  # inside _Reader, `str` and `int` name its methods
+_Int: TypeAlias = int
+
+
 class _Reader:
     """Reads typed fields from one TOML table, remembering the path for error messages."""
 
-    def __init__(self, raw: Any, prefix: str, base: Path) -> None:
+    def __init__(self, raw: Any, prefix: _Str, base: Path) -> None:
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{prefix or '<root>'}: must be a table")
         self.raw, self.prefix, self.base = raw, prefix, base
         self.seen: set[str] = set()
 
-    def where(self, key: str) -> str:
+    def where(self, key: _Str) -> _Str:
         return f"{self.prefix}.{key}" if self.prefix else key
 
-    def keys(self) -> list[str]:
+    def keys(self) -> list[_Str]:
         self.seen.update(self.raw)
         return list(self.raw)
 
-    def _get(self, key: str) -> Any:
+    def _get(self, key: _Str) -> Any:
         self.seen.add(key)
         return self.raw.get(key)
 
-    def table(self, key: str) -> _Reader:
+    def table(self, key: _Str) -> _Reader:
         value = self._get(key)
         return _Reader({} if value is None else value, self.where(key), self.base)
 
-    def str(self, key: str, default: str, pattern: str | None = None) -> str:
+    def str(self, key: _Str, default: _Str, pattern: _Str | None = None) -> _Str:
         value = self._get(key)
         if value is None:
             return default
@@ -324,19 +330,20 @@ class _Reader:
                 raise ConfigError(f"{self.where(key)}: {value!r} does not match {pattern}")
         return value
 
-    def opt_str(self, key: str, default: str | None = None) -> str | None:
-        return self.str(key, default) if key in self.raw else default  # type: ignore[arg-type]
+    def opt_str(self, key: _Str, default: _Str | None = None) -> _Str | None:
+        return self.str(key, default or "") if key in self.raw else default
 
-    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+    def choice(self, key: _Str, default: _Str, choices: tuple[_Str, ...]) -> _Str:
         value = self.str(key, default)
         if value not in choices:
             raise ConfigError(f"{self.where(key)}: must be one of {', '.join(choices)}")
         return value
 
-    def opt_choice(self, key: str, choices: tuple[str, ...]) -> str | None:
+    def opt_choice(self, key: _Str, choices: tuple[_Str, ...]) -> _Str | None:
         return self.choice(key, choices[0], choices) if key in self.raw else self._get(key)
 
-    def int(self, key: str, default: int, low: int | None = None, high: int | None = None) -> int:
+    def int(self, key: _Str, default: _Int, low: _Int | None = None,
+            high: _Int | None = None) -> _Int:
         value = self._get(key)
         if value is None:
             return default
@@ -346,18 +353,18 @@ class _Reader:
             raise ConfigError(f"{self.where(key)}: {value} is out of range [{low}, {high}]")
         return value
 
-    def opt_int(self, key: str, low: int | None = None) -> int | None:
+    def opt_int(self, key: _Str, low: _Int | None = None) -> _Int | None:
         return self.int(key, 0, low=low) if key in self.raw else self._get(key)
 
-    def path(self, key: str, default: Path) -> Path:
+    def path(self, key: _Str, default: Path) -> Path:
         value = self.str(key, str(default))
         p = Path(value).expanduser()
         return p if p.is_absolute() else (self.base / p)
 
-    def opt_path(self, key: str) -> Path | None:
+    def opt_path(self, key: _Str) -> Path | None:
         return self.path(key, Path(".")) if key in self.raw else self._get(key)
 
-    def str_list(self, key: str, default: list[str], pattern: str | None = None) -> list[str]:
+    def str_list(self, key: _Str, default: list[_Str], pattern: _Str | None = None) -> list[_Str]:
         value = self._get(key)
         if value is None:
             return default

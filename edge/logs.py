@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import structlog
 
@@ -24,7 +25,7 @@ class _StderrLogger:
 def configure(fmt: str = "auto", level: int = logging.INFO) -> None:
     """Configure structlog and the stdlib loggers (RQ, paho) to go through it."""
     json_out = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
-    shared = [
+    shared: list[Any] = [  # structlog processors
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

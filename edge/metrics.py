@@ -13,6 +13,7 @@ through the gateway's node exporter / Prometheus agent, or an SSH tunnel):
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import redis
 import structlog
@@ -120,7 +121,8 @@ def outbox_lag(conn: redis.Redis, stream: str = C.OUTBOX_STREAM) -> tuple[int, f
         return 0, 0.0
     if not first:
         return length, 0.0
-    ms = int(first[0][0].split(b"-")[0])
+    entry_id: Any = first[0][0]  # bytes (redis-py types replies loosely)
+    ms = int(entry_id.split(b"-")[0])
     return length, max(time.time() - ms / 1000, 0.0)
 
 

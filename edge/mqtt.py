@@ -13,8 +13,8 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import paho.mqtt.client as paho
 import structlog
@@ -92,7 +92,8 @@ def no_delay(client: paho.Client) -> None:
     sock = client.socket()
     if sock is not None:
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # paho types it as a SocketLike; a TCP client's is a real socket
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
         except OSError as exc:
             log.warning("tcp_nodelay_failed", error=str(exc))
 
@@ -264,7 +265,7 @@ class MqttClient:
         return self.client.publish(msg.topic, msg.payload, qos=msg.qos, retain=retain,
                                    properties=to_paho(msg.properties))
 
-    def publish_many(self, messages: list[Outgoing], timeout: float) -> list[Outcome]:
+    def publish_many(self, messages: list[Outgoing], timeout: float) -> list[Outcome | None]:
         """Publish all, then wait for each PUBACK (QoS 0 counts as done once sent).
 
         At most the broker's Receive Maximum go out unacknowledged: past it, the next window
@@ -276,7 +277,7 @@ class MqttClient:
         """
         deadline = time.monotonic() + timeout
         window = max(1, min(self.receive_maximum, C.MQTT_MAX_IN_FLIGHT))
-        outcomes: list[Outcome] = []
+        outcomes: list[Outcome | None] = []
         for start in range(0, len(messages), window):
             chunk = messages[start : start + window]
             if start and time.monotonic() >= deadline:
@@ -316,7 +317,7 @@ class MqttClient:
                 self._in_flight[m] = info
             sent.append(info)
         return [s if isinstance(s, Refused) else self._outcome(m, s, deadline)
-                for m, s in zip(messages, sent)]
+                for m, s in zip(messages, sent, strict=True)]
 
     def _too_large(self, msg: Outgoing) -> Refused | None:
         """The refusal of a message past the broker's packet limit (never sent), else None."""

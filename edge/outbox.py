@@ -38,8 +38,9 @@ class Outbox:
         target = pipeline if pipeline is not None else self.conn
         if answer.kind == "progress":
             try:
-                target.xadd(self.progress_stream, answer.to_fields(), maxlen=C.PROGRESS_MAXLEN,
-                            approximate=True)
+                # redis-py's stub wants a dict of its own key type; str keys are field names
+                target.xadd(self.progress_stream, dict(answer.to_fields()),  # type: ignore[arg-type]
+                            maxlen=C.PROGRESS_MAXLEN, approximate=True)
             except redis.ResponseError as exc:  # e.g. Redis full: progress is droppable
                 log.warning("progress_dropped", error=str(exc))
             return

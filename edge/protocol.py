@@ -17,8 +17,9 @@ import binascii
 import json
 import re
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -213,7 +214,7 @@ def _id_from_correlation(data: bytes) -> str:
 
 def _route(task: str, device_id: str, request_id: str, props: Properties, envelope: bool) -> Route:
     topic = props.response_topic
-    if not _own_response_topic(topic, device_id):
+    if topic is None or not _own_response_topic(topic, device_id):
         topic = C.RESULT_TOPIC.format(device_id=device_id, request_id=request_id)
     corr = props.correlation_data.hex() if props.correlation_data else None
     return Route(device_id=device_id, request_id=request_id, task=task,
@@ -321,7 +322,7 @@ def _media(value: Any, content_type: Any, spec: TaskSpec,
     if len(types) != len(items) or not all(t is None or isinstance(t, str) for t in types):
         raise BadRequest("\"content_type\" must be a string or a list as long as \"data\"")
     out = []
-    for item, ctype in zip(items, types):
+    for item, ctype in zip(items, types, strict=True):
         if not isinstance(item, str):
             raise BadRequest("\"data\" items must be base64 strings")
         try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
 
 import redis
 from rq import Queue
@@ -124,12 +123,6 @@ def _hash_fields(rq_job) -> list[bytes | str]:
     return out
 
 
-def read_blob(conn: redis.Redis, key: str) -> Mapping[bytes, bytes] | None:
-    """A job's stored inputs, or None when the blob has expired."""
-    fields = conn.hgetall(key)
-    return fields or None
-
-
 def rq_queue_key(queue: str) -> str:
     """RQ's list of a queue (RQ names its own keys)."""
     return f"{Queue.redis_queue_namespace_prefix}{queue}"
@@ -156,7 +149,7 @@ class Feeder:
         before every execute of a pipeline)."""
         keys = [rq_queue_key(queue), C.RING_KEY.format(queue=queue),
                 C.WAITING_KEY.format(queue=queue)]
-        args = [C.FAIR_PREFIX.format(queue=queue), C.FEED_DEPTH]
+        args: list[str | int] = [C.FAIR_PREFIX.format(queue=queue), C.FEED_DEPTH]
         if pipeline is not None:
             return pipeline.eval(scripts.FEED, len(keys), *keys, *args)
         return self._script(keys=keys, args=args)

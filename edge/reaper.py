@@ -28,7 +28,8 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import redis
 import structlog
@@ -204,8 +205,8 @@ class Reaper:
         task = queue.name.split(".")[1]
         taken = drain(self.conn, queue.name)  # those waiting in the fair lists, all at once
         for key in (queue.key, queue.intermediate_queue_key):
-            for raw in self.conn.lrange(key, 0, -1):
-                job_id = raw.decode()
+            for raw in self._ids(self.conn.lrange(key, 0, -1)):
+                job_id = raw
                 if self.conn.lrem(key, 1, job_id):  # else a worker took it after all
                     taken.append(job_id)
         for job_id in taken:
@@ -220,9 +221,9 @@ class Reaper:
         worker that just popped one move it to started). `now` and the index's scores are
         both Redis' clock (the enqueue stamps them with `TIME`)."""
         lost = set()
-        for raw in self.conn.zrangebyscore(C.UNANSWERED_KEY, "-inf", now - self.reap_after,
-                                           start=0, num=batch):
-            job_id = raw.decode()
+        for job_id in self._ids(self.conn.zrangebyscore(C.UNANSWERED_KEY, "-inf",
+                                                        now - self.reap_after, start=0,
+                                                        num=batch)):
             job = self._fetch(job_id)
             if job is None:  # expired or deleted: nothing left to answer
                 self.conn.zrem(C.UNANSWERED_KEY, job_id)
@@ -244,6 +245,11 @@ class Reaper:
             else:
                 lost.add(job_id)
         self._lost = lost
+
+    @staticmethod
+    def _ids(raw: Any) -> list[str]:
+        """Job ids from a Redis reply (bytes)."""
+        return [r.decode() if isinstance(r, bytes) else str(r) for r in raw]
 
     def _waiting(self, rq_job: RQJob) -> bool:
         """Whether the job waits in its device's fair list (not lost: its turn will come)."""

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import redis
 import structlog
@@ -136,15 +137,16 @@ class OutboxRelay:
         them (an answer may carry 64 MiB of media: 64 of those read at once would be 4 GiB in
         the agent). Waiting for new entries (`block_ms`) reads one of either kind.
         """
-        answers = self._read_answers(keys=[self.stream],
+        # redis-py types replies loosely: these are lists of (id, fields) entries
+        answers: Any = self._read_answers(keys=[self.stream],
                                      args=[self.group, self.consumer, self.batch,
                                            READ_BUDGET])
-        notes = self.conn.xreadgroup(self.group, self.consumer, {self.progress_stream: ">"},
-                                     count=self.batch)
+        notes: Any = self.conn.xreadgroup(self.group, self.consumer,
+                                          {self.progress_stream: ">"}, count=self.batch)
         if not answers and not notes and block_ms is not None:
-            resp = self.conn.xreadgroup(self.group, self.consumer,
-                                        {self.stream: ">", self.progress_stream: ">"},
-                                        count=1, block=block_ms)
+            resp: Any = self.conn.xreadgroup(self.group, self.consumer,
+                                             {self.stream: ">", self.progress_stream: ">"},
+                                             count=1, block=block_ms)
             for stream, entries in resp or []:
                 name = stream.decode() if isinstance(stream, bytes) else stream
                 if name == self.progress_stream:
@@ -164,9 +166,9 @@ class OutboxRelay:
         began, start, kept = self._resend_from, self._resend_from, 0
         deadline = time.monotonic() + C.PUBACK_TIMEOUT
         while self.publisher.is_connected() and time.monotonic() < deadline:
-            resp = self.conn.xreadgroup(self.group, self.consumer, {self.stream: start},
-                                        count=self.batch)
-            entries = resp[0][1] if resp else []
+            reply: Any = self.conn.xreadgroup(self.group, self.consumer, {self.stream: start},
+                                              count=self.batch)
+            entries = reply[0][1] if reply else []
             if not entries:
                 self._resend_from = "0"
                 return began == "0" and kept == 0
@@ -242,7 +244,7 @@ class OutboxRelay:
         outcomes = self.publisher.publish_many([m for _, _, m in rendered],
                                                timeout=C.PUBACK_TIMEOUT) if rendered else []
         delivered, kept = [], 0
-        for (eid, answer), outcome in zip(answers, outcomes):
+        for (eid, answer), outcome in zip(answers, outcomes, strict=True):
             if outcome is True:
                 delivered.append(answer)
                 settled.append(eid)
@@ -297,7 +299,7 @@ def _pairs(fields) -> dict:
     """Stream entry fields as a dict, from the flat list a script returns (or a dict)."""
     if isinstance(fields, dict):
         return fields
-    return dict(zip(fields[::2], fields[1::2]))
+    return dict(zip(fields[::2], fields[1::2], strict=True))
 
 
 def _task_label(task: str) -> str:

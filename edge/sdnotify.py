@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable, Mapping
 
 import structlog
 
@@ -62,8 +62,8 @@ def watchdog_interval(env: dict[str, str] | None = None) -> float | None:
     `$WATCHDOG_PID` names the process the watchdog is meant for; a child that inherited the
     variables must not feed its parent's watchdog.
     """
-    env = env if env is not None else os.environ
-    usec, pid = env.get("WATCHDOG_USEC"), env.get("WATCHDOG_PID")
+    source: Mapping[str, str] = env if env is not None else os.environ
+    usec, pid = source.get("WATCHDOG_USEC"), source.get("WATCHDOG_PID")
     if not usec or (pid and pid != str(os.getpid())):
         return None
     try:

@@ -10,8 +10,9 @@ task is one folder under `workers/` and one entry here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from edge import constants as C
 from edge.errors import BadRequest

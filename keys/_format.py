@@ -23,8 +23,9 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -222,7 +223,7 @@ def layout(header: Header, file_size: int, where: str) -> Layout:
     return Layout(count, last - TAG, body - count * TAG)
 
 
-def decrypt_chunks(f: BinaryIO, header: Header, data_key: bytes, lay: Layout, where: str,
+def decrypt_chunks(f: Any, header: Header, data_key: bytes, lay: Layout, where: str,
                    dest: Callable[[int, int], memoryview]) -> None:
     """Decrypt and authenticate every chunk of `f` (positioned after the header).
 

@@ -14,9 +14,10 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 from keys import _format as fmt
 from keys._fs import fsync_dir, replace_dir
@@ -127,7 +128,7 @@ class Bundle:
                 view = memoryview(scratch)
                 try:
                     fmt.decrypt_chunks(f, header, key, lay, str(self.file_path(name)),
-                                       lambda off, n: view[:n + 15])
+                                       _scratch(view))
                 finally:
                     view[:] = bytes(len(view))
 
@@ -291,3 +292,8 @@ def _write_files(tmp: Path, manifest: dict[str, Any], files: dict[str, Source],
 def plain_source(data: bytes) -> Source:
     """A Source over bytes already in memory (tests, small generated files)."""
     return lambda: io.BytesIO(data)
+
+
+def _scratch(view: memoryview) -> Callable[[int, int], memoryview]:
+    """A `decrypt_chunks` destination that decrypts every chunk into the same scratch view."""
+    return lambda offset, length: view[:length + 15]

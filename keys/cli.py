@@ -12,15 +12,14 @@ import argparse
 import inspect
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from keys.bundle import SUFFIX, bundle_dirs, open_all, pack_bundle, verify_bundle
 from keys.errors import BundleError, KeyringError
 from keys.keyring import Keyring
 from keys.legacy import import_openssl
-from keys.rotation import (bundles_needing, file_key_ids, rewrap_bundle,
-                           rotate_keyring)
+from keys.rotation import bundles_needing, file_key_ids, rewrap_bundle, rotate_keyring
 from keys.sealed import MAX_SEALED, load_private_key, load_public_key, write_identity
 from keys.signer import fingerprint, load_pinned, load_signing_key, public_pem, write_signer
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
@@ -34,7 +33,7 @@ _KID = re.compile(r"^k\d{8}-[0-9a-f]{6}$")
 
 def new_key_id(taken: frozenset[str] | set[str] = frozenset()) -> str:
     """A fresh key id like `k20261124-1a2b3c`: the date says how old a key is at a glance."""
-    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
+    today = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d")
     while True:
         kid = f"k{today}-{secrets.token_hex(3)}"
         if kid not in taken:

@@ -15,7 +15,7 @@ from typing import BinaryIO
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from keys.bundle import MANIFEST, Source, _plain_files, _opener, write_bundle
+from keys.bundle import MANIFEST, Source, _opener, _plain_files, write_bundle
 from keys.errors import BundleError
 from keys.keyring import Keyring
 
@@ -103,7 +103,7 @@ def import_openssl(src_dir: Path, dst_root: Path, ring: Keyring, key_hex: str, i
     for rel in rels:
         path = src_dir / rel
         if rel.endswith(ENCRYPTED_SUFFIXES):
-            files[rel] = (lambda p=path: _CbcReader(p, key, iv))
+            files[rel] = _cbc_opener(path, key, iv)
         else:
             files[rel] = _opener(path)
     manifest = _legacy_manifest(src_dir, name, task)
@@ -121,3 +121,8 @@ def _legacy_manifest(src_dir: Path, name: str, task: str) -> dict:
             raise BundleError(f"{existing}: not JSON ({exc})") from None
     manifest.update(name=name, task=task)
     return manifest
+
+
+def _cbc_opener(path: Path, key: bytes, iv: bytes) -> Source:
+    """Opens `path` as its OpenSSL-decrypted plaintext stream."""
+    return lambda: _CbcReader(path, key, iv)  # type: ignore[return-value]  # a BinaryIO reader

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.localservices import MosquittoServer, RedisServer
+from edgectl.localservices import MosquittoServer, RedisServer
 
 PREPARED = Path.home() / ".cache" / "edge-daemon" / "prepared"
 
@@ -20,7 +20,7 @@ PREPARED = Path.home() / ".cache" / "edge-daemon" / "prepared"
 def _no_server_outlives_the_session():
     """Whatever a failed fixture left running is stopped at the end."""
     yield
-    from edge.localservices import stop_all
+    from edgectl.localservices import stop_all
 
     stop_all()
 

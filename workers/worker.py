@@ -227,7 +227,7 @@ def next_order(priority: list, served: str, streak: int) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `edge-worker`."""
-    from edge.cli_common import start_daemon
+    from edge.startup import start_daemon
     from edge.redisconn import connect
 
     parser = argparse.ArgumentParser(prog="edge-worker", description=__doc__.splitlines()[0])

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from edge import constants as C
-from edge.localdaemon import Daemon
+from edgectl.localdaemon import Daemon
 
 QUEUE = "edge.tokenize.CPU"
 

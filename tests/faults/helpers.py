@@ -10,9 +10,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from edge.client import DeviceClient
+from edgectl.client import DeviceClient
 from edge.jobs import job_key
-from edge.localdaemon import Daemon
+from edgectl.localdaemon import Daemon
 from edge.reaper import REAP_AFTER, REAP_INTERVAL
 
 # How long to keep listening for a second answer after the first: the reaper answers a job

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from edge.localdaemon import ROOT
+from edgectl.localdaemon import ROOT
 from tests.faults.conftest import start_worker
 from tests.faults.helpers import (
     TcpProxy,

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge.config import load
-from edge.localdaemon import Daemon
+from edgectl.localdaemon import Daemon
 from edge.mqtt import from_paho, to_paho
 from edge.protocol import Rejected, parse
 from edge.tasks import TASKS

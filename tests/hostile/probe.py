@@ -7,7 +7,7 @@ import queue
 import time
 from pathlib import Path
 
-from edge.client import DeviceClient
+from edgectl.client import DeviceClient
 
 MiB = 1 << 20
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from edge.localdaemon import Daemon
+from edgectl.localdaemon import Daemon
 from tests.hostile.probe import MiB, answers, code, memory, reset_peak
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

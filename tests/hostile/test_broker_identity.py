@@ -26,8 +26,8 @@ import redis
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge import constants as C
-from edge.client import DeviceClient
-from edge.localservices import RedisServer
+from edgectl.client import DeviceClient
+from edgectl.localservices import RedisServer
 from tests.ops.secure import SecureMosquitto, spawn, wait_for, write_secrets
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

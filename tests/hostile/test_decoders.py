@@ -13,7 +13,7 @@ import zlib
 import pyvips
 import pytest
 
-from edge.localdaemon import Daemon
+from edgectl.localdaemon import Daemon
 from tests.hostile.probe import MiB, answers, code, memory, reset_peak
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

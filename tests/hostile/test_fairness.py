@@ -13,7 +13,7 @@ from rq.job import Job as RQJob
 
 from edge import constants as C
 from edge.jobs import job_key
-from edge.localdaemon import Daemon
+from edgectl.localdaemon import Daemon
 from tests.hostile.probe import answers, code
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

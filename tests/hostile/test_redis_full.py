@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from edge import config as edge_config
-from edge.localdaemon import Daemon
+from edgectl.localdaemon import Daemon
 from edge.status import node_status
 from tests.hostile.probe import answers, code
 

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from edge import constants as C
-from edge.localdaemon import Daemon
+from edgectl.localdaemon import Daemon
 from edge.reaper import REAP_AFTER
 from tests.faults.conftest import start_worker
 from tests.faults.helpers import (DUPLICATE_WATCH, assert_promise, collect, rq_key, runs,

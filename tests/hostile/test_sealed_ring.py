@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.localdaemon import ROOT
+from edgectl.localdaemon import ROOT
 from keys import Keyring, sealed
 from keys.sealed import load_public_key
 
@@ -25,7 +25,7 @@ RECIPIENT_AT = len(sealed.MAGIC) + 8  # magic, created u64, then the recipient's
 def _edgectl(config: Path, *argv: object) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
            if k not in ("EDGE_KEYRING", "CREDENTIALS_DIRECTORY", "EDGE_CONFIG")}
-    return subprocess.run([sys.executable, "-m", "edge.cli", "--config", str(config),
+    return subprocess.run([sys.executable, "-m", "edgectl.cli", "--config", str(config),
                            *map(str, argv)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120, check=False)
 

@@ -9,7 +9,7 @@ import pytest
 import redis
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge.localservices import MosquittoServer
+from edgectl.localservices import MosquittoServer
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
 
 from edge import constants as C
-from edge.client import PACKET_TOO_LARGE, DeviceClient, PublishRefused
+from edgectl.client import PACKET_TOO_LARGE, DeviceClient, PublishRefused
 from edge.mqtt import packet_size as publish_packet_size
 from tests.faults.helpers import TcpProxy
 

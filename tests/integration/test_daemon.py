@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from edge.jobs import job_key
-from edge.localdaemon import Daemon
+from edgectl.localdaemon import Daemon
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -147,7 +147,7 @@ def test_mosquitto_command_line_clients(daemon):
 def test_mqtt311_client_uses_the_envelope(daemon):
     import paho.mqtt.client as paho
 
-    from edge.client import DeviceClient
+    from edgectl.client import DeviceClient
 
     dev = DeviceClient("127.0.0.1", daemon.broker.port, device_id="old-dev",
                        protocol=paho.MQTTv311).connect()

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from edge.localdaemon import ROOT, Daemon
+from edgectl.localdaemon import ROOT, Daemon
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -93,7 +93,7 @@ def test_lcm_over_mqtt_streams_progress_in_order_and_matches_edgectl_run(lcm_dae
     assert raw.ok and raw.media[0][1] == reply.media[0][1]
     # the same job in-process through edgectl run gives the same bytes
     out = subprocess.run(
-        [sys.executable, "-m", "edge.cli", "--config", str(lcm_daemon.config), "run", "lcm",
+        [sys.executable, "-m", "edgectl.cli", "--config", str(lcm_daemon.config), "run", "lcm",
          "a red bicycle", "--out", str(tmp_path)] + [f"--param={k}={v}" for k, v in params.items()],
         capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
@@ -133,7 +133,7 @@ def test_superres_over_mqtt_equals_edgectl_run_and_batches_keep_order(sr_daemon,
     src = tmp_path / "in.png"
     src.write_bytes(images[0])
     out = subprocess.run(
-        [sys.executable, "-m", "edge.cli", "--config", str(sr_daemon.config), "run", "superres",
+        [sys.executable, "-m", "edgectl.cli", "--config", str(sr_daemon.config), "run", "superres",
          str(src), "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert next((tmp_path / "out").glob("*.png")).read_bytes() == raw.media[0][1]

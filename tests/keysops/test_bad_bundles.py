@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from edge.errors import ModelUnavailable
-from edge.localdaemon import ROOT, write_config
+from edgectl.localdaemon import ROOT, write_config
 from workers.api import DeviceSettings, Request, no_progress
 
 

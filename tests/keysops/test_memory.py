@@ -23,7 +23,7 @@ import sys
 import numpy as np
 import pytest
 
-from edge.localdaemon import ROOT
+from edgectl.localdaemon import ROOT
 from keys import Keyring, pack_bundle
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from edge import constants as C
-from edge.localdaemon import ROOT, Daemon
+from edgectl.localdaemon import ROOT, Daemon
 from tests.conftest import PREPARED
 from tests.keysops.conftest import TOKENIZERS, find_plaintext, plaintext_signatures
 

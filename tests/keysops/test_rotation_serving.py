@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from edge import constants as C
-from edge.localdaemon import ROOT, Daemon
+from edgectl.localdaemon import ROOT, Daemon
 from keys import Keyring
 from keys.rotation import file_key_ids
 
@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _edgectl(config: Path, *argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edge.cli", "--config", str(config), *argv],
+    return subprocess.run([sys.executable, "-m", "edgectl.cli", "--config", str(config), *argv],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 

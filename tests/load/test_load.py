@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.localdaemon import Daemon
+from edgectl.localdaemon import Daemon
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.load import run_load  # noqa: E402

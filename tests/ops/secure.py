@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from edge.localservices import LocalService, free_port
+from edgectl.localservices import LocalService, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"

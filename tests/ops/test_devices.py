@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from edge.localdaemon import ROOT, write_config
+from edgectl.localdaemon import ROOT, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ import redis
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge.client import DeviceClient
+from edgectl.client import DeviceClient
 from edge.jobs import job_key
 from tests.ops.secure import (DEVICES, SecureMosquitto, SecureRedis, free_port_pair, spawn,
                               wait_for, write_secrets)

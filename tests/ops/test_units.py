@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edge import units
+from edgectl import units
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "systemd"
@@ -50,7 +50,7 @@ def test_install_units_writes_units_under_root_and_starts_nothing(tmp_path):
 
 
 def test_edgectl_install_units_command(tmp_path):
-    from edge.cli import main
+    from edgectl.cli import main
 
     assert main(["install-units", "--root", str(tmp_path), "--bindir", "/x/bin"]) == 0
     assert "ExecStart=/x/bin/edge-worker --device %i" in (

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import keys
-from edge import cli
-from edge.benchcmd import BenchError, BenchOptions, bench, parse_shapes
+from edgectl import cli
+from edgectl.benchcmd import BenchError, BenchOptions, bench, parse_shapes
 from edge.config import load
 
 FIELDS = ("count", "duration_ms", "latency_median_ms", "latency_average_ms", "latency_min_ms",
@@ -136,7 +136,7 @@ def test_stateful_model_is_refused(tmp_path):
     from openvino import opset13 as ops
     from openvino.op.util import Variable, VariableInfo
 
-    from edge.benchcmd import _refuse_stateful
+    from edgectl.benchcmd import _refuse_stateful
 
     x = ops.parameter([1, 4], np.float32, name="x")
     info = VariableInfo()

@@ -61,3 +61,9 @@ def test_device_properties_map_to_openvino_names():
     assert cfg.device("CPU").properties() == {"PERFORMANCE_HINT": "THROUGHPUT",
                                               "NUM_STREAMS": 2, "INFERENCE_PRECISION_HINT": "f32"}
     assert cfg.device("GPU").properties() == {"PERFORMANCE_HINT": "LATENCY"}
+
+
+def test_a_config_without_a_node_name_gets_the_default_name():
+    config = parse({})
+    assert config.node == "edge-gateway"
+    assert config.client_id == "edge-agent-edge-gateway"

@@ -22,8 +22,9 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 PRECISIONS = ("f32", "bf16", "f16")
@@ -127,7 +128,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run `edgectl bench` from parsed arguments; usage errors print one line and exit 2."""
     import keys
-    from edge.cli_common import load_config
+    from edge.startup import load_config
 
     try:
         opts = BenchOptions(args.bundle, args.task, args.model_file, args.device, args.hint,

@@ -10,8 +10,9 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -78,7 +79,7 @@ class DeviceClient:
             self.client.username_pw_set(self.username, self.password)
         if self.tls_ca:
             self.client.tls_set(ca_certs=self.tls_ca)
-        self.client.enable_logger(logging.getLogger("edge.client.paho"))
+        self.client.enable_logger(logging.getLogger("edgectl.client.paho"))
         self.client.on_message = self._on_message
         self._connack = threading.Event()
         self._connected = threading.Event()
@@ -269,8 +270,8 @@ class DeviceClient:
         if ids is not None:
             env["ids"] = ids
         if data is not None:
-            env["data"] = ([base64.b64encode(d).decode() for d in data]
-                           if isinstance(data, (list, tuple)) else base64.b64encode(data).decode())
+            env["data"] = (base64.b64encode(data).decode() if isinstance(data, bytes)
+                           else [base64.b64encode(d).decode() for d in data])
         self.publish_envelope(task, env)
         return self.wait(rid, timeout)
 

@@ -19,11 +19,13 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from edge.cli_common import load_config
 from edge.config import Config, ConfigError
+from edge.startup import load_config
 from edge.tasks import BUNDLE_TASKS, TASKS
 
 PREPARE_CACHE = Path("~/.cache/edge-daemon/prepared").expanduser()
@@ -63,12 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("bench", help="benchmark one IR of an encrypted bundle (benchmark_app)")
-    __import__("edge.benchcmd").benchcmd.add_arguments(p)
+    __import__("edgectl.benchcmd").benchcmd.add_arguments(p)
 
     p = sub.add_parser("install-units", help="copy the systemd units to /etc (starts nothing)")
     p.add_argument("--root", default="/", help="install under this tree (DESTDIR)")
     p.add_argument("--bindir", help="where edge-agent/edge-worker are (default: this venv's bin)")
-    p.set_defaults(func=lambda a: __import__("edge.units").units.main(a.root, a.bindir))
+    p.set_defaults(func=lambda a: __import__("edgectl.units").units.main(a.root, a.bindir))
 
     from keys.cli import add_subcommands
 
@@ -154,6 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         sub = parse(f"edge/jobs/{args.task}/edgectl", json.dumps(env).encode(), Properties(),
                     max_bytes=limits)
     except Rejected as exc:
+        assert exc.route is not None, "an edge/jobs/... topic always has a route"
         return _print_answer(error_answer(exc.route, exc.error), args.out)
     started = time.perf_counter()
     models = build_models(_only(config, (args.task,), args.device), args.device,
@@ -162,8 +165,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     payload = Payload(sub.text, sub.ids, sub.media)
     answer = perform(in_process(sub.route, sub.params, batch=sub.batch), models,
                      lambda: payload, no_progress)
-    answer.body.setdefault("timings", {})["load_ms"] = round(load_s * 1000, 3)
-    return _print_answer(answer, args.out)
+    body = dict(answer.body)
+    body["timings"] = {**body.get("timings", {}), "load_ms": round(load_s * 1000, 3)}
+    return _print_answer(replace(answer, body=body), args.out)
 
 
 def _only(config: Config, tasks: tuple[str, ...], device: str) -> Config:
@@ -200,7 +204,7 @@ def _write_media(media, out: Path, rid: str) -> list[Path]:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Publish one job as a device would and wait for its answer."""
-    from edge.client import DeviceClient
+    from edgectl.client import DeviceClient
 
     config = load_config(args.config)
     rid = uuid.uuid4().hex[:12]

@@ -1,4 +1,4 @@
-"""What every command does first: find the config, set up logging."""
+"""What every daemon and command does first: find the config, set up logging."""
 
 from __future__ import annotations
 

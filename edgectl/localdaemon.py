@@ -20,8 +20,8 @@ import redis
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge import constants as C
-from edge.client import DeviceClient
-from edge.localservices import MosquittoServer, RedisServer
+from edgectl.client import DeviceClient
+from edgectl.localservices import MosquittoServer, RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 

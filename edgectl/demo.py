@@ -101,7 +101,7 @@ def _summary(body: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    from edge.localdaemon import Daemon
+    from edgectl.localdaemon import Daemon
 
     raw = tomllib.loads((ROOT / "configs" / "demo.toml").read_text())
     tasks = list(raw.get("tasks", {}))

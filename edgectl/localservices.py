@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Self
 
 
 def free_port() -> int:
@@ -22,17 +23,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_port(port: int, timeout: float, proc: subprocess.Popen) -> None:
+def _wait_port(port: int, timeout: float, proc: subprocess.Popen, name: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening")
+            raise RuntimeError(f"{name} exited with {proc.returncode} before listening")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
         except OSError:
             time.sleep(0.05)
-    raise TimeoutError(f"{proc.args[0]} did not listen on {port} within {timeout} s")
+    raise TimeoutError(f"{name} did not listen on {port} within {timeout} s")
 
 
 _running: set[LocalService] = set()
@@ -62,12 +63,12 @@ class LocalService:
     def command(self) -> list[str]:
         raise NotImplementedError
 
-    def start(self, timeout: float = 10.0) -> LocalService:
+    def start(self, timeout: float = 10.0) -> Self:
         log = open(self.workdir / "server.log", "ab")
         self.proc = subprocess.Popen(self.command(), cwd=self.workdir, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         _running.add(self)
-        _wait_port(self.port, timeout, self.proc)
+        _wait_port(self.port, timeout, self.proc, self.binary)
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
