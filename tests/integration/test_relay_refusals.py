@@ -19,7 +19,7 @@ import redis
 
 from edge import constants as C
 from edge import mqtt as mqtt_module
-from edge import outbox as outbox_module
+from edge import relay as relay_module
 from edge.config import MqttConfig
 from edge.jobs import Answer, Route, result_body
 from edge.metrics import REGISTRY
@@ -79,7 +79,7 @@ class Recorder:
 @pytest.fixture
 def relay_log(monkeypatch) -> Recorder:
     recorder = Recorder()
-    monkeypatch.setattr(outbox_module, "log", recorder)
+    monkeypatch.setattr(relay_module, "log", recorder)
     return recorder
 
 
