@@ -177,6 +177,21 @@ class DeviceClient:
         with self._lock:
             return self._inbox.setdefault(request_id, queue.Queue())
 
+    def answers_so_far(self, request_id: str) -> list[dict]:
+        """The JSON bodies of the answers to `request_id` received since the last call, without
+        waiting (progress notes are skipped): for counting answers per id."""
+        box, out = self._box(request_id), []
+        while True:
+            try:
+                kind, msg, _ = box.get_nowait()
+            except queue.Empty:
+                return out
+            if kind == "progress":
+                continue
+            if kind == "refused":
+                raise msg
+            out.append(json.loads(msg.payload))
+
     def _on_message(self, client, userdata, msg) -> None:
         # edge/<results|progress>/<device>/<request id>, or a response topic of our own: every
         # answer names its request (the JSON body's "id", or an "id" user property)

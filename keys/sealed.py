@@ -36,7 +36,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from keys import signer as signing
-from keys._fs import write_private
 from keys.errors import KeyringError
 
 MAGIC = b"EDGESEAL2"
@@ -202,18 +201,7 @@ def _unseal_unsigned(sealed: bytes, private_key: X25519PrivateKey) -> bytes:
 
 def write_identity(path: Path) -> Path:
     """A new gateway key pair: private key at `path` (PEM, 0600), public at `path`.pub."""
-    path = Path(path)
-    if path.exists():
-        raise KeyringError(f"{path}: exists; refusing to overwrite a gateway identity")
-    key = X25519PrivateKey.generate()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_private(path, key.private_bytes(serialization.Encoding.PEM,
-                                          serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    pub = path.with_name(path.name + ".pub")
-    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
-    return pub
+    return signing.write_key_pair(path, X25519PrivateKey.generate(), "a gateway identity")
 
 
 def load_public_key(path: Path) -> X25519PublicKey:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from keys._fs import write_private
 from keys.errors import KeyringError
@@ -42,16 +43,22 @@ def public_pem(key: Ed25519PublicKey) -> bytes:
 
 def write_signer(path: Path) -> Path:
     """A new fleet signing key: private key at `path` (PEM, 0600), public at `path`.pub."""
+    return write_key_pair(path, Ed25519PrivateKey.generate(), "a signing key")
+
+
+def write_key_pair(path: Path, key: Ed25519PrivateKey | X25519PrivateKey, what: str) -> Path:
+    """`key` at `path` (PKCS8 PEM, 0600, never over an existing file) and its public half at
+    `path`.pub (SubjectPublicKeyInfo PEM); returns the public file."""
     path = Path(path)
     if path.exists():
-        raise KeyringError(f"{path}: exists; refusing to overwrite a signing key")
-    key = Ed25519PrivateKey.generate()
+        raise KeyringError(f"{path}: exists; refusing to overwrite {what}")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_private(path, key.private_bytes(serialization.Encoding.PEM,
                                           serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption()))
     pub = path.with_name(path.name + ".pub")
-    pub.write_bytes(public_pem(key.public_key()))
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
     return pub
 
 

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+import redis
 
 from edgectl.localservices import MosquittoServer, RedisServer
 
@@ -37,6 +38,15 @@ def mosquitto_server(tmp_path_factory):
     server = MosquittoServer(tmp_path_factory.mktemp("mosquitto")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def conn(redis_server):
+    """A connection to the session's private Redis, emptied before and after the test."""
+    c = redis.Redis.from_url(redis_server.url)
+    c.flushdb()
+    yield c
+    c.flushdb()
 
 
 @pytest.fixture(scope="session")

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import queue
 import socket
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-from edgectl.client import DeviceClient
 from edge.jobs import job_key
-from edgectl.localdaemon import Daemon
 from edge.reaper import REAP_AFTER, REAP_INTERVAL
+from edgectl.client import DeviceClient
+from edgectl.localdaemon import Daemon
 
 # How long to keep listening for a second answer after the first: the reaper answers a job
 # REAP_AFTER s after its worker's last beat, on a pass every REAP_INTERVAL s; the margin is the
@@ -29,14 +28,7 @@ def outcome(body) -> str:
 
 
 def _drain(dev: DeviceClient, rid: str, into: list[str]) -> None:
-    box = dev._box(rid)
-    while True:
-        try:
-            kind, msg, _ = box.get_nowait()
-        except queue.Empty:
-            return
-        if kind != "progress":
-            into.append(outcome(json.loads(msg.payload)))
+    into.extend(outcome(body) for body in dev.answers_so_far(rid))
 
 
 def collect(dev: DeviceClient, ids, timeout: float = 60.0, settle: float = DUPLICATE_WATCH

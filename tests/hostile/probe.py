@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import queue
 import time
 from pathlib import Path
 
@@ -37,14 +35,7 @@ def answers(dev: DeviceClient, ids, timeout: float = 60.0, settle: float = 2.0
 
     def drain() -> None:
         for rid in ids:
-            box = dev._box(rid)
-            while True:
-                try:
-                    kind, msg, _ = box.get_nowait()
-                except queue.Empty:
-                    break
-                if kind != "progress":
-                    got[rid].append(json.loads(msg.payload))
+            got[rid].extend(dev.answers_so_far(rid))
 
     while time.monotonic() < deadline and not all(got.values()):
         drain()

@@ -5,7 +5,6 @@ publishes only under the job's own device's topics."""
 from __future__ import annotations
 
 import pytest
-import redis
 
 from edge import constants as C
 from edge.jobs import Answer, Route, result_body
@@ -14,15 +13,6 @@ from edge.relay import OutboxRelay
 from tests.integration.fakes import FakePublisher
 
 pytestmark = [pytest.mark.integration]
-
-
-@pytest.fixture
-def conn(redis_server):
-    """The session's private Redis, emptied before and after the test."""
-    c = redis.Redis.from_url(redis_server.url)
-    c.flushdb()
-    yield c
-    c.flushdb()
 
 
 class Recorder(FakePublisher):

@@ -6,7 +6,6 @@ import queue
 
 import paho.mqtt.client as paho
 import pytest
-import redis
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgectl.localservices import MosquittoServer
@@ -25,15 +24,6 @@ def broker(tmp_path):
     yield start
     for server in started:
         server.stop()
-
-
-@pytest.fixture
-def conn(redis_server):
-    """A connection to the session's private Redis, emptied before and after the test."""
-    c = redis.Redis.from_url(redis_server.url)
-    c.flushdb()
-    yield c
-    c.flushdb()
 
 
 @pytest.fixture
