@@ -13,6 +13,7 @@ through the gateway's node exporter / Prometheus agent, or an SSH tunnel):
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -91,7 +92,7 @@ def serve(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def observe_answer(task: str, device: str, body: dict) -> None:
+def observe_answer(task: str, device: str, body: Mapping[str, Any]) -> None:
     """Count one finished job from its result body (status and timings)."""
     status = body.get("status", "ok")
     if status == "error":

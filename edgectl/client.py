@@ -180,7 +180,8 @@ class DeviceClient:
     def answers_so_far(self, request_id: str) -> list[dict]:
         """The JSON bodies of the answers to `request_id` received since the last call, without
         waiting (progress notes are skipped): for counting answers per id."""
-        box, out = self._box(request_id), []
+        box = self._box(request_id)
+        out: list[dict] = []
         while True:
             try:
                 kind, msg, _ = box.get_nowait()

@@ -42,9 +42,10 @@ import shutil
 import tempfile
 import threading
 import xml.etree.ElementTree as ET
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Collection, Mapping
+from typing import Any
 
 import structlog
 
@@ -109,7 +110,7 @@ class Extensions:
         for name in spec.libraries:
             self._add_library(bundle, name)
         if spec.gpu_config is not None and self.device.upper().startswith("GPU"):
-            self._set_gpu_config(bundle, spec)
+            self._set_gpu_config(bundle, spec.gpu_config, spec.gpu_files)
 
     def _add_library(self, bundle: Any, name: str) -> None:
         data = bundle.read(name)
@@ -126,9 +127,9 @@ class Extensions:
         self._libraries.add(digest)
         log.info("extension_added", bundle=bundle.name, library=name, path=path)
 
-    def _set_gpu_config(self, bundle: Any, spec: ExtensionSpec) -> None:
+    def _set_gpu_config(self, bundle: Any, config: str, files: tuple[str, ...]) -> None:
         kernels = {}
-        for name in spec.gpu_files:
+        for name in files:
             data = bundle.read(name)
             try:
                 path = kernel_file(name, data)
@@ -136,26 +137,26 @@ class Extensions:
                 _wipe(data)
             self.kernel_files.add(path)
             kernels[name] = os.path.basename(path)
-        xml = bundle.read(spec.gpu_config)
+        xml = bundle.read(config)
         try:
-            text = gpu_config_text(bytes(xml), kernels, spec.gpu_config)
+            text = gpu_config_text(bytes(xml), kernels, config)
         finally:
             _wipe(xml)
-        path = kernel_file(spec.gpu_config, text)
+        path = kernel_file(config, text)
         self.kernel_files.add(path)
         if self._gpu_config is not None:
             if self._gpu_config[1] == path:  # the same kernels again (a task's load retried)
                 return
             # the GPU plugin keeps one CONFIG_FILE per device: a second would replace the first
-            raise ExtensionError(f"GPU kernel config {spec.gpu_config!r}: bundle "
+            raise ExtensionError(f"GPU kernel config {config!r}: bundle "
                                  f"{self._gpu_config[0]!r} already set another one on this worker")
         try:
             self.core.set_property(self.device, {"CONFIG_FILE": path})
         except RuntimeError as exc:
-            raise ExtensionError(f"GPU kernel config {spec.gpu_config!r} was refused: "
+            raise ExtensionError(f"GPU kernel config {config!r} was refused: "
                                  f"{_cause(exc)}") from exc
         self._gpu_config = (bundle.name, path)
-        log.info("gpu_kernels_set", bundle=bundle.name, config=spec.gpu_config, path=path)
+        log.info("gpu_kernels_set", bundle=bundle.name, config=config, path=path)
 
 
 def gpu_config_text(xml: bytes, kernels: Mapping[str, str], where: str = "config") -> bytes:

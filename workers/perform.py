@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis
 import structlog
@@ -45,7 +45,8 @@ class Runtime:
     def take_payload(self, conn: redis.Redis, key: str) -> Payload | None:
         """A job's inputs (the copy read while the job started, else from Redis); None when
         they expired; BadRequest when they are incomplete."""
-        blob = self.prefetched.pop(key, None) or conn.hgetall(key)
+        # the worker's connections keep decode_responses=False: a hash comes back as bytes
+        blob = self.prefetched.pop(key, None) or cast("Mapping[bytes, bytes]", conn.hgetall(key))
         if not blob:
             return None
         try:
@@ -67,6 +68,8 @@ def run(job_json: str) -> None:
     """RQ's entry point: run one job and append its answer to the outbox."""
     job = Job.from_json(job_json)
     current = get_current_job()
+    if current is None:
+        raise RuntimeError("workers.perform.run is RQ's entry point: it needs a current RQ job")
     conn = current.connection
     rt = _runtime
     with structlog.contextvars.bound_contextvars(

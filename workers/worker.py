@@ -227,8 +227,8 @@ def next_order(priority: list, served: str, streak: int) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `edge-worker`."""
-    from edge.startup import start_daemon
     from edge.redisconn import connect
+    from edge.startup import start_daemon
 
     parser = argparse.ArgumentParser(prog="edge-worker", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="CPU", help="OpenVINO device: CPU, GPU, GPU.1, NPU")

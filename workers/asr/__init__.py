@@ -6,7 +6,7 @@ the model named by the `model` param and reports progress after each 30 s window
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import openvino as ov
 

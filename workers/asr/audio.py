@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -23,8 +24,8 @@ from workers import budget
 
 _PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
 # raw format name -> (numpy dtype or "s24", offset to centre unsigned data, full scale)
-_RAW = {
-    "u8": (np.uint8, 128.0, 128.0), "s8": (np.int8, 0.0, 128.0),
+_RAW: dict[str, tuple[np.dtype[Any] | str, float, float]] = {
+    "u8": (np.dtype(np.uint8), 128.0, 128.0), "s8": (np.dtype(np.int8), 0.0, 128.0),
     "s16le": (np.dtype("<i2"), 0.0, 32768.0), "s16be": (np.dtype(">i2"), 0.0, 32768.0),
     "s24le": ("s24", 0.0, 8388608.0), "s32le": (np.dtype("<i4"), 0.0, 2147483648.0),
     "f32le": (np.dtype("<f4"), 0.0, 1.0), "f64le": (np.dtype("<f8"), 0.0, 1.0),

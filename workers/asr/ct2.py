@@ -14,9 +14,9 @@ Hugging Face's K projections have no bias: CT2 stores zeros there, which `to_hf`
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 

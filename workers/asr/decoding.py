@@ -9,8 +9,8 @@ into timed segments and says how far the window's speech reached (the seek).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -74,7 +74,7 @@ class LogitRules:
 
 
 def split_segments(tokens: Sequence[int], ts_begin: int, window_frames: int,
-                   offset: float, detok: "Detokenizer", precision: float = 0.02
+                   offset: float, detok: Detokenizer, precision: float = 0.02
                    ) -> tuple[list[Segment], int]:
     """Segments of one window's tokens (eot excluded) and the frames to seek forward."""
     stamps = [t >= ts_begin for t in tokens]
@@ -113,7 +113,8 @@ class Detokenizer:
         # GPT-2's byte<->unicode table: printable bytes map to themselves, others to 256+n
         keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
         chars = keep + [256 + n for n in range(256 - len(keep))]
-        byte_of = dict(zip(map(chr, chars), keep + [b for b in range(256) if b not in keep]))
+        byte_of = dict(zip(map(chr, chars), keep + [b for b in range(256) if b not in keep],
+                           strict=True))
         self._pieces = [bytes(byte_of.get(c, 32) for c in tok) if i < text_limit else b""
                         for i, tok in enumerate(json.loads(bytes(vocab_json)))]
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+import numpy.typing as npt
 
 
-def _hz_to_mel(f: np.ndarray) -> np.ndarray:
+def _hz_to_mel(f: npt.ArrayLike) -> np.ndarray:
     f = np.asarray(f, np.float64)
     mel = 3.0 * f / 200.0
     log = f >= 1000.0
@@ -73,7 +74,7 @@ def log_mel(audio: np.ndarray, *, n_mels: int = 80, n_fft: int = 400, hop: int =
         stop = min(start + block, live)
         spec = np.fft.rfft(frames[start:stop] * window, axis=1)
         power = (spec.real ** 2 + spec.imag ** 2).astype(np.float32)
-        for row, (lo, weights) in zip(out, bands):
+        for row, (lo, weights) in zip(out, bands, strict=True):
             # einsum, not `@`: a BLAS call would leave OpenBLAS threads spinning on the
             # cores the encoder is about to use (measured: encoder 2.4x slower on 2 cores)
             row[start:stop] = np.einsum("fk,k->f", power[:, lo:lo + len(weights)], weights)

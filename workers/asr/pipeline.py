@@ -14,8 +14,9 @@ place per step.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import openvino as ov
@@ -30,6 +31,7 @@ NO_SPEECH_THRESHOLD = 0.6  # OpenAI Whisper's defaults for skipping a silent win
 LOGPROB_THRESHOLD = -1.0
 SILENCE_RMS = 1e-3  # -60 dBFS: a window this quiet is silence, whatever the model says
 MEL_BLOCK = 3000  # STFT frames computed at once (`features.log_mel`'s default block)
+_DEFAULT_DEVICE = DeviceSettings()  # CPU, no properties; frozen, so one shared default is safe
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +71,7 @@ class WhisperPipeline:
 
     @classmethod
     def load(cls, bundle: BundleLike, core: ov.Core,
-             device: DeviceSettings = DeviceSettings()) -> "WhisperPipeline":
+             device: DeviceSettings = _DEFAULT_DEVICE) -> WhisperPipeline:
         """Read the IRs from the (decrypted-in-memory) bundle and compile them."""
         settings = bundle.manifest["settings"]
         files = settings["files"]

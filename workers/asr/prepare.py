@@ -24,8 +24,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from workers.asr import ct2
 from workers.prepared import building
@@ -91,9 +92,12 @@ def build_hf_from_ct2(src: Path, out: Path) -> None:
     sizes = ct2.config_values(model)
     if sizes["vocab_size"] != len(tokenizer):
         raise ValueError(f"vocab {sizes['vocab_size']} != tokenizer {len(tokenizer)}")
-    ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in _SPECIAL.items()}
-    config = transformers.WhisperConfig(
-        **sizes, bos_token_id=ids["eot"], eos_token_id=ids["eot"], pad_token_id=ids["eot"],
+    ids = _special_ids(tokenizer)
+    # transformers 5 configs are dataclasses made by huggingface_hub's @strict at runtime, which
+    # type checkers do not see: mypy knows only PreTrainedConfig's fields
+    config = transformers.WhisperConfig(  # type: ignore[call-arg]  # see above
+        **sizes,  # type: ignore[arg-type]  # see above: matched against the base's fields
+        bos_token_id=ids["eot"], eos_token_id=ids["eot"], pad_token_id=ids["eot"],
         decoder_start_token_id=ids["sot"], suppress_tokens=card["suppress_ids"],
         begin_suppress_tokens=card["suppress_ids_begin"], tie_word_embeddings=True)
     hf = transformers.WhisperForConditionalGeneration(config)
@@ -113,14 +117,24 @@ def build_hf_from_ct2(src: Path, out: Path) -> None:
 def _hf_tokenizer(path: Path) -> Any:
     """The CT2 tokenizer plus the 1501 timestamp tokens it lacks (ids after notimestamps)."""
     import tokenizers
-    from transformers import WhisperTokenizerFast
+    from transformers import WhisperTokenizer  # the fast one (WhisperTokenizerFast is an alias)
 
     tok = tokenizers.Tokenizer.from_file(str(path))
     tok.add_tokens([tokenizers.AddedToken(f"<|{i * 0.02:.2f}|>", special=False,
                                           normalized=False) for i in range(1501)])
     eot = "<|endoftext|>"
-    return WhisperTokenizerFast(tokenizer_object=tok, unk_token=eot, bos_token=eot,
+    return WhisperTokenizer(tokenizer_object=tok, unk_token=eot, bos_token=eot,
                                 eos_token=eot, pad_token=eot)
+
+
+def _special_ids(tokenizer: Any) -> dict[str, int]:
+    """The id of each `_SPECIAL` token; ValueError when the vocabulary lacks one (transformers'
+    `convert_tokens_to_ids` would answer the unknown token's id, here end-of-text)."""
+    vocab = tokenizer.get_vocab()
+    missing = sorted(t for t in _SPECIAL.values() if t not in vocab)
+    if missing:
+        raise ValueError(f"the tokenizer lacks the special tokens {missing}")
+    return {k: vocab[t] for k, t in _SPECIAL.items()}
 
 
 def generation_config(ids: Mapping[str, int], suppress: list[int], begin_suppress: list[int],
@@ -172,7 +186,7 @@ def _write_card(hf_dir: Path, out: Path, *, name: str, weight_format: str) -> No
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in _SPECIAL.items()}
+    ids = _special_ids(tokenizer)
     lang_to_id = gen.get("lang_to_id") or {}
     settings = {
         "multilingual": bool(gen.get("is_multilingual")),

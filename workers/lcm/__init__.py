@@ -11,7 +11,8 @@ Result: {"model", "width", "height", "seed", "steps", "truncated"} and one image
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import openvino as ov
 

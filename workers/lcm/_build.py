@@ -84,7 +84,9 @@ def build_pipeline(arch: str = "tiny", seed: int = 0) -> Any:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
     vae = AutoencoderKL(in_channels=3, out_channels=3, scaling_factor=0.18215, **spec["vae"])
-    text = CLIPTextModel(CLIPTextConfig(
+    # transformers 5 configs are dataclasses made by huggingface_hub's @strict at runtime, which
+    # type checkers do not see: mypy knows only PreTrainedConfig's fields
+    text = CLIPTextModel(CLIPTextConfig(  # type: ignore[call-arg]  # see above
         vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
         pad_token_id=49407, hidden_act="quick_gelu", **spec["text"]))
     _scale_random_weights(unet)
@@ -108,7 +110,7 @@ def _scale_random_weights(unet: Any) -> None:
         unet.conv_out.weight.mul_(4.0)
 
 
-def save_demo_lora(pipe: Any, path: Path, rank: int = 4, alpha: float = 8.0, seed: int = 1) -> None:
+def save_demo_lora(pipe: Any, path: Path, rank: int = 4, alpha: int = 8, seed: int = 1) -> None:
     """A random LoRA on the UNet's attention projections, saved the way diffusers saves one."""
     import torch
     from diffusers import LatentConsistencyModelPipeline

@@ -15,8 +15,9 @@ prompts, seeds, step counts and the default size (48 UNet calls come with 12 dec
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -56,8 +57,8 @@ def calibration_inputs(bundle_dir: Path, samples: int = 48) -> dict[str, Samples
     sinks: dict[str, Samples] = {"unet": [], "vae_decoder": []}
     by_model = {id(pipe._unet): sinks["unet"], id(pipe._vae): sinks["vae_decoder"]}
     compile_ = pipe._compile
-    pipe._compile = lambda model, shape: _Recorder(  # type: ignore[method-assign]
-        compile_(model, shape), by_model[id(model)])
+    pipe._compile = lambda model, sample_shape: _Recorder(  # type: ignore[method-assign]
+        compile_(model, sample_shape), by_model[id(model)])
     seed = 0
     while len(sinks["unet"]) < samples:
         for prompt in _PROMPTS:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +53,8 @@ def read_safetensors(data: bytes | bytearray | memoryview) -> SafeTensors:
 
 
 def _tensor(name: str, info: Mapping[str, Any], body: memoryview) -> np.ndarray:
-    dtype = _DTYPES.get(info.get("dtype"))
+    kind = info.get("dtype")
+    dtype = _DTYPES.get(kind) if isinstance(kind, str) else None  # a list would be unhashable
     if dtype is None:
         raise LoraError(f"tensor {name!r}: unsupported dtype {info.get('dtype')!r}")
     start, end = info["data_offsets"]

@@ -23,8 +23,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 # 2: INT8 bundles quantize the VAE decoder too; settings["int8"] names the INT8 components
 BUNDLE_VERSION = "2"

@@ -14,8 +14,9 @@ is bounded by the tile: ~(tile*4)^2 * 3 * 4 bytes per f32 tensor, ~150 MB at til
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from itertools import pairwise
 
 import numpy as np
 import openvino as ov
@@ -51,8 +52,8 @@ def plan_spans(length: int, tile: int = TILE, margin: int = MARGIN) -> tuple[Spa
     stride = tile - 2 * margin
     count = 1 + -(-(length - tile) // stride)
     starts = np.linspace(0, length - tile, count).round().astype(int).tolist()
-    cuts = [0] + [(b + a + tile) // 2 for a, b in zip(starts, starts[1:])] + [length]
-    return tuple(Span(s, tile, lo, hi) for s, lo, hi in zip(starts, cuts, cuts[1:]))
+    cuts = [0] + [(b + a + tile) // 2 for a, b in pairwise(starts)] + [length]
+    return tuple(Span(s, tile, lo, hi) for s, (lo, hi) in zip(starts, pairwise(cuts), strict=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,11 +107,11 @@ class FastPipeline:
         if not any(pads):
             return self._upscale(images, on_image)
         padded = [np.pad(img, (*p, (0, 0)), mode="edge") if p else img
-                  for img, p in zip(images, pads)]
+                  for img, p in zip(images, pads, strict=True)]
         outputs = self._upscale(padded, on_image)
         return [out[p[0][0] * SCALE:out.shape[0] - p[0][1] * SCALE,
                     p[1][0] * SCALE:out.shape[1] - p[1][1] * SCALE] if p else out
-                for out, p in zip(outputs, pads)]
+                for out, p in zip(outputs, pads, strict=True)]
 
     def _upscale(self, images: Sequence[np.ndarray],
                  on_image: Callable[[int], None] | None) -> list[np.ndarray]:

@@ -13,8 +13,8 @@ declares) and `encode` stops as soon as the answer passes its size limit.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pyvips

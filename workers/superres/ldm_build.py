@@ -86,7 +86,7 @@ def build_ldm(folder: Path) -> dict:
         ov_dec = ov.convert_model(Decoder(), example_input=(torch.randn(1, 3, 32, 32),),
                                   input=[ov.PartialShape([1, 3, -1, -1])])
     for model, names in ((ov_unet, ("sample", "timestep")), (ov_dec, ("quant",))):
-        for port, name in zip(model.inputs, names):
+        for port, name in zip(model.inputs, names, strict=True):
             port.get_tensor().set_names({name})
     ov.save_model(ov_unet, folder / "unet.xml", compress_to_fp16=False)
     ov.save_model(ov_dec, folder / "vq_decoder.xml", compress_to_fp16=False)

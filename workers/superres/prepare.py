@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any
 
 from workers.prepared import building
 
@@ -71,7 +72,7 @@ def _prepare_fast(folder: Path, options: Mapping[str, str]) -> dict:
     net = tr.train(examples, cfg, log=lambda line: print(f"[superres] {line}", flush=True))
     model = _export(tr.Deployed(net), torch)
     ov.save_model(model, folder / "sr_fast_x4.xml", compress_to_fp16=False)
-    settings = {
+    settings: dict[str, Any] = {
         "xml": "sr_fast_x4.xml",
         "scale": 4,
         "inputs": ["lr: u8 NHWC RGB"],

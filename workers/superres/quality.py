@@ -13,8 +13,8 @@ the answer is exactly 4x the input (diffusers would resize instead).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import openvino as ov

@@ -73,6 +73,8 @@ class BicubicX4(nn.Module):
     `PixelShuffle(4)` expects. Edges are replicated, as pyvips' `extend="copy"` does.
     """
 
+    weight: torch.Tensor  # a buffer (registered in __init__)
+
     def __init__(self, channels: int = 3) -> None:
         super().__init__()
         taps = cubic_taps()
@@ -99,6 +101,7 @@ class ResidualESPCN(nn.Module):
         self.bicubic = BicubicX4()
         self.shuffle = nn.PixelShuffle(SCALE)
         last = self.body[-1]
+        assert isinstance(last, nn.Conv2d) and last.bias is not None
         nn.init.normal_(last.weight, std=1e-3)  # start as plain bicubic
         nn.init.zeros_(last.bias)
 

@@ -5,7 +5,8 @@ Both tasks use the bundles of task "tokenize" (one per tokenizer, keyed by model
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from edge.errors import BadRequest, ModelUnavailable
 from edge.tasks import TASKS

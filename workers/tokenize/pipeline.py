@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import openvino as ov
@@ -196,7 +197,7 @@ class TokenizerPipeline:
         rows = _rows(out)
         if self.settings.suffix_ids and self._specials is not None:
             rows = [self._drop_suffix(row) if self._specials.search(text) else row
-                    for row, text in zip(rows, texts)]
+                    for row, text in zip(rows, texts, strict=True)]
         if self.settings.truncate_to is not None:
             rows = [_truncate(row, self.settings.truncate_to, add_special_tokens) for row in rows]
         return rows
@@ -249,10 +250,11 @@ def _rows(out: Any) -> list[list[int]]:
     names = {name for port in out.keys() for name in port.get_names()}
     if "ids" in names:
         flat = out["ids"].tolist()
-        return [flat[b:e] for b, e in zip(out["row_begins"].tolist(), out["row_ends"].tolist())]
+        return [flat[b:e] for b, e in zip(out["row_begins"].tolist(), out["row_ends"].tolist(),
+                                          strict=True)]
     # each padded row keeps its first mask.sum() ids (one tolist for the batch)
     lengths = out["attention_mask"].sum(axis=1).tolist()
-    return [row[:n] for row, n in zip(out["input_ids"].tolist(), lengths)]
+    return [row[:n] for row, n in zip(out["input_ids"].tolist(), lengths, strict=True)]
 
 
 def _apply(steps: Sequence[Callable[[str], str]], text: str) -> str:
@@ -282,4 +284,5 @@ def _pack(texts: Sequence[str]) -> dict[str, np.ndarray]:
 def _unpack(begins: np.ndarray, ends: np.ndarray, chars: np.ndarray) -> list[str]:
     """The detokenizer's unpacked string output as Python strings (the IR emits valid UTF-8)."""
     data = chars.tobytes()
-    return [data[b:e].decode("utf-8", "replace") for b, e in zip(begins.tolist(), ends.tolist())]
+    return [data[b:e].decode("utf-8", "replace")
+            for b, e in zip(begins.tolist(), ends.tolist(), strict=True)]

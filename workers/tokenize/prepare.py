@@ -13,9 +13,11 @@ import gzip
 import importlib.util
 import json
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from workers.prepared import building
 
@@ -108,14 +110,14 @@ def _clip_byte_chars() -> dict[int, str]:
             chars.append(256 + extra)
             extra += 1
     return {b: chr(c) for b, c in zip(printable + [b for b in range(256) if b not in printable],
-                                      chars)}
+                                      chars, strict=True)}
 
 
 def _clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """CLIP's BPE vocabulary and merges, rebuilt the way OpenAI's tokenizer builds them."""
     path = _package_file("open_clip", "bpe_simple_vocab_16e6.txt.gz")
     lines = gzip.open(path).read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+    merges = [(a, b) for a, b in (line.split() for line in lines[1:49152 - 256 - 2 + 1])]
     symbols = list(_clip_byte_chars().values())
     words = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     words += ["<|startoftext|>", "<|endoftext|>"]
@@ -127,7 +129,9 @@ def build_clip() -> Any:
     from transformers import CLIPTokenizer
 
     vocab, merges = _clip_vocab()
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    # BPE takes (a, b) pairs, as its docs say; CLIPTokenizer's annotation says list[str]
+    return CLIPTokenizer(vocab=vocab, merges=merges,  # type: ignore[arg-type]  # see above
+                         model_max_length=77)
 
 
 SOURCES: dict[str, Source] = {
@@ -206,7 +210,7 @@ def cut_normalization(model: Any) -> Any:
     chain = [op for op in model.get_ordered_ops() if op.get_type_name() in NORMALIZATION_OPS]
     if not chain:
         raise RuntimeError("converted tokenizer has no normalization ops to cut")
-    for prev, op in zip(chain, chain[1:]):
+    for prev, op in pairwise(chain):
         feeds = {i.get_source_output().get_node().get_friendly_name() for i in op.inputs()[:4]}
         if feeds != {prev.get_friendly_name()}:
             raise RuntimeError(f"{op.get_friendly_name()} does not follow "
