@@ -25,6 +25,9 @@ test-fast: setup
 
 bench: setup
 	$(VENV)/bin/pip install -q -c requirements/constraints.txt -e ".[prepare,test,bench]"
+	@# optimum-intel and open-clip pull a torchvision that cannot load beside the CPU torch
+	@# (transformers' AutoImageProcessor, and so diffusers, then fail): nothing here needs it
+	-@$(VENV)/bin/pip uninstall -q -y torchvision 2>/dev/null
 	@for b in bench/[a-z]*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:

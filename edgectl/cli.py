@@ -49,6 +49,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device-id", default="edgectl")
     p.add_argument("--raw", action="store_true", help="send raw bytes + MQTT 5 properties")
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--host", help="broker host (default: the config's [mqtt] host)")
+    p.add_argument("--port", type=int, help="broker port (default: the config's [mqtt] port)")
+    p.add_argument("--tls-ca", type=Path,
+                   help="CA certificate: connect over TLS (default: the config's [mqtt] tls_ca)")
+    p.add_argument("--username", help="broker login (default: the device id, when a password "
+                                      "file is given)")
+    p.add_argument("--password-file", type=Path, help="the device's broker password")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("prepare", help="convert models and pack them as encrypted bundles")
@@ -209,7 +216,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     rid = uuid.uuid4().hex[:12]
     params = _params(args.param)
-    with DeviceClient(config.mqtt.host, config.mqtt.port, device_id=args.device_id) as dev:
+    password = args.password_file.read_text().strip() if args.password_file else None
+    username = args.username or (args.device_id if password is not None else None)
+    tls_ca = args.tls_ca or config.mqtt.tls_ca
+    with DeviceClient(args.host or config.mqtt.host, args.port or config.mqtt.port,
+                      device_id=args.device_id, username=username, password=password,
+                      tls_ca=str(tls_ca) if tls_ca else None) as dev:
         if args.raw:
             spec = TASKS[args.task]
             payload = (args.inputs[0].encode() if "text" in spec.inputs

@@ -8,9 +8,12 @@ agent and a CPU worker as real processes under a fake systemd notify socket, met
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -21,10 +24,18 @@ import redis
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgectl.client import DeviceClient
 from edge.jobs import job_key
-from tests.ops.secure import (DEVICES, SecureMosquitto, SecureRedis, free_port_pair, spawn,
-                              wait_for, write_secrets)
+from edgectl.client import DeviceClient
+from tests.ops.secure import (
+    DEVICES,
+    ROOT,
+    SecureMosquitto,
+    SecureRedis,
+    free_port_pair,
+    spawn,
+    wait_for,
+    write_secrets,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -154,6 +165,19 @@ def test_agent_serves_jobs_end_to_end_over_tls_with_acl_users(gateway):
         reply = dev.request("tokenize", text="over tls", request_id="tls-1", timeout=30)
     assert reply.topic == "edge/results/dev-a/tls-1"
     assert reply.ok, reply.body
+
+
+def test_edgectl_submit_reaches_the_hardened_broker_as_a_device(gateway, tmp_path):
+    password = tmp_path / "dev-a.password"
+    password.write_text(gateway.mqtt_pw["dev-a"] + "\n")
+    os.chmod(password, 0o600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgectl.cli", "--config", str(gateway.config), "submit",
+         "tokenize", "hello over tls", "--device-id", "dev-a", "--password-file", str(password),
+         "--timeout", "30"], capture_output=True, text=True, timeout=90, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    body = json.loads(proc.stdout)
+    assert body["status"] == "ok" and body["result"]["ids"][0] == 101
 
 
 def test_job_routed_to_an_absent_npu_runs_on_cpu(gateway):
