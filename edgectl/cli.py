@@ -2,7 +2,8 @@
 
     edgectl run TASK INPUT... [--param k=v] [--out DIR]     one job in-process (no Redis/MQTT)
     edgectl submit TASK INPUT... [--device-id ID]           one job over MQTT, as a device would
-    edgectl prepare TASK [--force]                          convert + pack bundles (build host)
+    edgectl prepare TASK [--force]                          convert + pack the demo bundles
+    edgectl prepare TASK --from PATH [--name N] [--version V] the user's own model -> a bundle
     edgectl bundle pack|verify|ls|import-openssl ...        encrypted model bundles
     edgectl keys generate|rotate|retire|ls ...              key-encryption keys
     edgectl status                                          node status, devices, queues
@@ -66,6 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-pack", action="store_true", help="prepare only; do not encrypt")
     p.add_argument("--option", action="append", default=[], metavar="K=V",
                    help="task-specific prepare option")
+    p.add_argument("--from", dest="source", type=Path, metavar="PATH",
+                   help="the user's own checkpoint (a folder or file; README: 'Use your own "
+                        "models' lists the layouts each task accepts)")
+    p.add_argument("--name", help="model name (default: read from the checkpoint)")
+    p.add_argument("--version", default="1", help="model version (default: 1)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("status", help="node status: workers, models, queues, devices")
@@ -251,7 +257,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     options = _params(args.option)
     module = importlib.import_module(f"{TASKS[args.task].module}.prepare")
-    folders = module.prepare(args.cache, force=args.force, options=options)
+    if args.source is not None:
+        prepare_from = getattr(module, "prepare_from", None)
+        if prepare_from is None:
+            print(f"edgectl: prepare {args.task} --from is not supported yet", file=sys.stderr)
+            return 2
+        if not args.source.exists():
+            print(f"edgectl: {args.source}: no such file or folder", file=sys.stderr)
+            return 2
+        folders = [prepare_from(args.source, args.cache, name=args.name,
+                                version=args.version, force=args.force, options=options)]
+    else:
+        folders = module.prepare(args.cache, force=args.force, options=options)
     for folder in folders:
         print(f"prepared {folder}")
     if args.no_pack:
