@@ -111,7 +111,8 @@ def _resolve_keys(parser: argparse.ArgumentParser):
 
         return _load(config.keyring)
 
-    return config.keyring.file, load_ring, config.bundle_dir, config.keyring.signer
+    return (config.keyring.file, load_ring, config.bundle_dir, config.keyring.signer,
+            config.keyring)
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
