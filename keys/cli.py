@@ -62,8 +62,10 @@ def add_subcommands(subparsers: argparse._SubParsersAction, resolve: Resolve) ->
     _bind(p, resolve, _rotate)
     _bind(ksub.add_parser("rewrap", help="rewrap every bundle under the ring's current key "
                           "(a gateway after installing a rotated fleet ring)"), resolve, _rewrap)
-    p = ksub.add_parser("retire", help="drop an old key no bundle needs any more")
+    p = ksub.add_parser("retire", help="drop an old key no bundle needs any more (and "
+                        "refresh the credential)")
     p.add_argument("kid")
+    _with_key(p)
     _bind(p, resolve, _retire)
     _bind(ksub.add_parser("ls", help="key ids and how many files each wraps"), resolve, _keys_ls)
     p = ksub.add_parser("identity", help="new X25519 key pair for a gateway (OUT and OUT.pub)")
@@ -243,9 +245,27 @@ def _retire(args: argparse.Namespace, resolved: Resolved) -> int:
         return 1
     ring = Keyring.load_file(path)
     ring.retire(args.kid)
-    save_key_file(ring, path)
-    print(f"retired {args.kid}; keys left: {', '.join(ring.ids())}")
+    cred = _save_with_credential(ring, path, _settings(resolved), args.with_key)
+    print(f"retired {args.kid}; keys left: {', '.join(ring.ids())}"
+          + (f"; credential {cred} refreshed" if cred is not None else ""))
     return 0
+
+
+def _save_with_credential(ring: Keyring, path: Path, settings: Any, with_key: str) -> Path | None:
+    """Save the key file and, when one is configured, remake its credential in the same step
+    (made and checked first, moved into place last); returns the credential path."""
+    cred = settings.credential_file
+    if cred is None:
+        save_key_file(ring, path)
+        return None
+    pending = make_credential(ring, cred, settings.credential, credential_tool(with_key))
+    try:
+        save_key_file(ring, path)
+    except BaseException:
+        pending.discard()
+        raise
+    pending.commit()
+    return cred
 
 
 def _identity(args: argparse.Namespace, resolved: Resolved) -> int:

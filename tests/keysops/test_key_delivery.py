@@ -253,11 +253,15 @@ def test_rotation_refreshes_the_credential_in_the_same_step(tool, tmp_path: Path
     run("keys", "generate")
     run("keys", "install", "--with-key", "host")
     _pack_two(tmp_path, ring_path, root)
+    old = Keyring.load_file(ring_path).current_id
     assert run("keys", "rotate", "--with-key", "host") == 0
     ring = Keyring.load_file(ring_path)
     served = _worker_ring(tool, cred, ring_path, tmp_path)
     assert served.to_json() == ring.to_json()
     assert {k for p in root.rglob("*.enc") for k in file_key_ids(p)} == {ring.current_id}
+    assert run("keys", "retire", old, "--with-key", "host") == 0  # the credential follows too
+    served = _worker_ring(tool, cred, ring_path, tmp_path)
+    assert served.ids() == [ring.current_id] == Keyring.load_file(ring_path).ids()
 
 
 def test_fleet_gateway_never_makes_keys(tmp_path: Path, monkeypatch, capsys) -> None:
