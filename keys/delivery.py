@@ -137,7 +137,7 @@ def resolve(credentials_dir: Path | None, key_file: Path | None, env_value: str 
             tried.append(f"credential {cred}")
     if key_file is not None:
         key_file = Path(key_file)
-        if key_file.exists():
+        if _present(key_file):
             found.append(_key_file_source(key_file, others=bool(found) or bool(env_value)))
         else:
             tried.append(f"key file {key_file}")
@@ -158,6 +158,20 @@ def resolve(credentials_dir: Path | None, key_file: Path | None, env_value: str 
                 f"`edgectl keys install` to remake the credential from the key file "
                 f"(docs/keys.md, \"Where a worker gets its ring\")")
     return rings[0]
+
+
+def _present(path: Path) -> bool:
+    """Whether `path` exists; a folder this process may not search counts as "exists but
+    unreadable" (never as absent, which would skip the comparison)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    except NotADirectoryError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _key_file_source(key_file: Path, others: bool) -> tuple[Summary, Keyring | None]:

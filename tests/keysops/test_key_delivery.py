@@ -193,6 +193,10 @@ def test_worker_that_cannot_read_the_key_file_checks_its_stamp(tmp_path: Path) -
         assert ring.current_id in out and fresh.current_id in out and "stamp" in out
         stamp_path(ring_path).unlink()
         assert "no stamp" in as_nobody()
+        save_key_file(fresh, ring_path)
+        os.chmod(etc, 0o700)  # the worker may not even look into the folder: still refused
+        out = as_nobody()
+        assert out.startswith("refused") and "stamp" in out, out
     finally:
         shutil.rmtree(base)
 
