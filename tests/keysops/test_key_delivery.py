@@ -288,3 +288,33 @@ def test_timer_unit_runs_the_scheduled_rotation() -> None:
     # The credential is refreshed by the rotation itself, not by a separate step after it.
     assert "systemd-creds" not in "".join(ln for ln in unit.splitlines()
                                           if not ln.startswith("#"))
+
+
+def test_edge_worker_refuses_to_start_on_a_stale_credential(tmp_path: Path) -> None:
+    # The real entry point, as systemd starts it: $CREDENTIALS_DIRECTORY holds the credential
+    # systemd decrypted; the key file beside the config is newer. Exit 2 (no restart), both named.
+    from keys.delivery import save_key_file
+
+    stale, fresh = Keyring.generate(), Keyring.generate()
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "edge-keyring").write_text(stale.to_json())
+    save_key_file(fresh, tmp_path / "keyring.json")
+    config = tmp_path / "edge.toml"
+    config.write_text(f"""
+bundle_dir = "{tmp_path / 'bundles'}"
+[keyring]
+file = "{tmp_path / 'keyring.json'}"
+env = "EDGE_TEST_NO_KEYRING_ENV"
+[redis]
+url = "redis://127.0.0.1:1/0"
+[tasks.tokenize]
+devices = ["CPU"]
+""")
+    env = {k: v for k, v in os.environ.items() if k not in ("EDGE_KEYRING", "EDGE_CONFIG")}
+    done = subprocess.run([sys.executable, "-m", "workers.worker", "--device", "CPU",
+                           "--config", str(config)], capture_output=True, text=True, cwd=ROOT,
+                          env={**env, "CREDENTIALS_DIRECTORY": str(creds)}, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "keyring sources disagree" in done.stderr
+    assert stale.current_id in done.stderr and fresh.current_id in done.stderr
