@@ -187,7 +187,8 @@ def _rotate(args: argparse.Namespace, resolved: Resolved) -> int:
     kid, count = rotate_keyring(_key_file(resolved), resolved[2], maker)
     print(f"new current key {kid}; rewrapped {count} files under {resolved[2]}"
           + (f"; credential {cred} refreshed" if cred is not None else ""))
-    print("restart or reload workers, then `keys retire` the old key ids")
+    print("restart the workers (reload is enough where they read the key file itself), then "
+          "`keys retire` the old key ids")
     return 0
 
 
@@ -223,7 +224,8 @@ def _install(args: argparse.Namespace, resolved: Resolved) -> int:
           f"keys {', '.join(ring.ids())}, digest {digest(ring)}"
           + (f"; {info.describe()}" if info is not None else ""))
     print("next: `edgectl keys rewrap` if the current key changed, then "
-          "`systemctl reload 'edge-worker@*'`")
+          "`systemctl try-restart 'edge-worker@*'` (systemd hands a worker its credential at "
+          "start only: a reload would see the old one)")
     return 0
 
 

@@ -154,9 +154,10 @@ def resolve(credentials_dir: Path | None, key_file: Path | None, env_value: str 
         if summary.digest != first.digest:
             raise KeyringError(
                 f"keyring sources disagree: {first.describe()} vs {summary.describe()}; "
-                f"refusing to start rather than serve a stale ring: on the gateway run "
-                f"`edgectl keys install` to remake the credential from the key file "
-                f"(docs/keys.md, \"Where a worker gets its ring\")")
+                f"refusing to serve a possibly stale ring: if the credential file is older, "
+                f"run `edgectl keys install` on the gateway; then restart the worker (systemd "
+                f"hands a service its credential at start only, a reload sees the old one; "
+                f"docs/keys.md, \"Where a worker gets its ring\")")
     return rings[0]
 
 

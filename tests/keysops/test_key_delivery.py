@@ -285,6 +285,10 @@ def test_timer_unit_runs_the_scheduled_rotation() -> None:
     unit = (ROOT / "systemd" / "edge-key-rotation.service").read_text()
     exec_start = [ln for ln in unit.splitlines() if ln.startswith("ExecStart=")]
     assert len(exec_start) == 1 and "keys rotate --scheduled" in exec_start[0]
+    # credentials are read at service start only: the workers are restarted, not reloaded
+    post = [ln for ln in unit.splitlines() if ln.startswith("ExecStartPost=")]
+    assert any("try-restart" in ln and "edge-worker@" in ln for ln in post), post
+    assert not any("reload" in ln for ln in post), post
     # The credential is refreshed by the rotation itself, not by a separate step after it.
     assert "systemd-creds" not in "".join(ln for ln in unit.splitlines()
                                           if not ln.startswith("#"))
