@@ -164,6 +164,8 @@ def _generate(args: argparse.Namespace, resolved: Resolved) -> int:
     ring = Keyring.generate()
     save_key_file(ring, out)
     print(f"wrote {out} (mode 0600), current key {ring.current_id}")
+    if _settings(resolved).credential_file is not None:
+        print("next: `edgectl keys install` makes the workers' credential from it")
     return 0
 
 
