@@ -47,7 +47,8 @@ class FakeCreds:
 
 
 def _systemd_creds_usable() -> str | None:
-    """None when `systemd-creds --with-key=host` round-trips here, else why not."""
+    """None when `systemd-creds --with-key=host` round-trips here (with the host key named by
+    $SYSTEMD_CREDENTIAL_SECRET), else why not."""
     if shutil.which("systemd-creds") is None:
         return "systemd-creds is not installed"
     if os.geteuid() != 0:
@@ -64,7 +65,11 @@ def _systemd_creds_usable() -> str | None:
 
 
 @pytest.fixture(params=["fake", "systemd-creds"])
-def tool(request, monkeypatch):
+def tool(request, monkeypatch, tmp_path):
+    # The host key systemd-creds binds credentials to: a private one per test
+    # (SYSTEMD_CREDENTIAL_SECRET), so the tests never create or use the machine's own
+    # /var/lib/systemd/credential.secret.
+    monkeypatch.setenv("SYSTEMD_CREDENTIAL_SECRET", str(tmp_path / "host-a.secret"))
     if request.param == "systemd-creds":
         why = _systemd_creds_usable()
         if why:
@@ -125,6 +130,19 @@ def test_install_makes_a_credential_the_worker_loads(tool, tmp_path: Path, capsy
     assert _worker_ring(tool, cred, ring_path, tmp_path).to_json() == ring.to_json()
     assert digest(ring) in capsys.readouterr().out
     assert not [p for p in cred.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_credential_made_on_another_host_does_not_open_here(tool, tmp_path, monkeypatch):
+    # Why `keys install` runs on the gateway: a credential is bound to the host key (or TPM)
+    # of the machine that encrypted it.
+    if isinstance(tool, FakeCreds):
+        pytest.skip("host binding is systemd-creds' own: nothing to show with the stand-in")
+    run, ring_path, cred, _ = _gateway(tmp_path)
+    run("keys", "generate")
+    assert run("keys", "install", "--with-key", "host") == 0  # on the build host (key A)
+    monkeypatch.setenv("SYSTEMD_CREDENTIAL_SECRET", str(tmp_path / "host-b.secret"))
+    with pytest.raises(KeyringError, match="decrypt failed"):
+        tool.decrypt("edge-keyring", cred)  # the gateway (key B) cannot open it
 
 
 def test_stale_credential_after_a_new_ring_is_refused_naming_both(tool, tmp_path: Path) -> None:
