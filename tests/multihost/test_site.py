@@ -155,8 +155,10 @@ def test_a_host_killed_mid_flow_costs_no_job_and_answers_none_twice(running):
         assert dev.pump(lambda d: d.published >= N_JOBS // 3 and sum(d.answers.values()) >= 5,
                         120), f"no flow: published {dev.published}, answers {dev.answers}"
         taken_by_h2 = _jobs_delivered_to(site, f"edge-agent-{NODES['h2']}")
+        run_on_h2 = _events(site, "h2-worker.log", "job_started")
         killed = site.hosts.kill_host("h2")
-        assert len(killed) == 2 and taken_by_h2 > 0
+        # host 2 had work in hand: jobs from the broker, jobs run by its worker
+        assert len(killed) == 2 and taken_by_h2 > 0 and run_on_h2 > 0, (taken_by_h2, run_on_h2)
         answered_at_kill = sum(dev.answers.values())
         assert answered_at_kill < N_JOBS
 
@@ -168,7 +170,8 @@ def test_a_host_killed_mid_flow_costs_no_job_and_answers_none_twice(running):
         dev.pump(lambda d: all(d.answers[i] for i in ids), 120)
         missing_while_down = [i for i in ids if not dev.answers[i]]
         print(f"killed h2 after {answered_at_kill} answers; h2's agent had been sent "
-              f"{taken_by_h2} jobs; unanswered while h2 was down: {len(missing_while_down)}")
+              f"{taken_by_h2} jobs, its worker had started {run_on_h2}; unanswered while h2 "
+              f"was down: {len(missing_while_down)}")
 
         if missing_while_down:  # the host comes back: its session delivers what it held
             _start(site, "h2")
