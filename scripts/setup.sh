@@ -20,6 +20,7 @@ command -v mosquitto_pub >/dev/null || need+=(mosquitto-clients)
 command -v espeak-ng >/dev/null || need+=(espeak-ng)
 command -v strace >/dev/null || need+=(strace)
 command -v openssl >/dev/null || need+=(openssl)
+command -v promtool >/dev/null || need+=(prometheus)  # promtool: tests/tooling checks ops/prometheus
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
