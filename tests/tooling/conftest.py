@@ -53,9 +53,9 @@ def start_daemon(workdir, bundles, keyring_file) -> tuple[Daemon, int]:
     return d, port
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def live(tmp_path_factory, tokenizer_bundles, keyring_file):
-    """(daemon, agent metrics port, worker metrics port), for one test module."""
+    """(daemon, agent metrics port, worker metrics port), shared by the tooling tests."""
     d, port = start_daemon(tmp_path_factory.mktemp("live"), tokenizer_bundles, keyring_file)
     yield d, port, port + 1
     d.stop()
