@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -129,3 +130,47 @@ def test_cli_status_and_progress(stack):
     topic, payload = out.strip().split(" ", 1)
     assert topic == "edge/progress/dev-prog/asr-1"
     assert json.loads(payload) == {"id": "asr-1", "task": "asr", "window": 1, "windows": 1}
+
+
+def test_node_device_gets_its_answer_by_response_topic_and_correlation_data(stack):
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the Node.js example is not run")
+    if not (EXAMPLES / "node" / "node_modules" / "mqtt").is_dir():
+        pytest.fail("examples/node/node_modules is missing: scripts/setup.sh runs `npm ci` there")
+    d, wav, _ = stack
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([node, "device.mjs", "--port", str(d.broker.port),
+                               "--device", "dev-node", "--timeout", "60", *args],
+                              cwd=EXAMPLES / "node", capture_output=True, text=True, timeout=90)
+
+    out = run("--task", "tokenize", "--text", "hello world", "--param", "model=all-minilm-l6-v2",
+              "--id", "node-1")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["id"] == "node-1" and got["status"] == "ok"
+    assert got["result"]["ids"] == [101, 7592, 2088, 102]
+    out = run("--task", "asr", "--file", str(wav), "--id", "node-2")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["status"] == "ok" and "fox" in got["result"]["text"].lower()
+    assert 'progress {"id":"node-2","task":"asr","window":1,"windows":1}' in out.stderr
+    out = run("--task", "tokenize", "--text", "x", "--param", "nope=1", "--id", "node-3")
+    assert json.loads(out.stdout)["error"]["code"] == "bad_request"
+
+
+def test_c_device_transcribes_a_wav(stack, tmp_path):
+    d, wav, _ = stack
+    exe = tmp_path / "device"
+    build = subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(exe),
+                            str(EXAMPLES / "c" / "device.c"), "-lmosquitto"],
+                           capture_output=True, text=True, timeout=120)
+    assert build.returncode == 0, build.stderr
+    out = subprocess.run([str(exe), "127.0.0.1", str(d.broker.port), "dev-c", str(wav), "c-1"],
+                         capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["id"] == "c-1" and got["task"] == "asr" and got["status"] == "ok", got
+    assert "fox" in got["result"]["text"].lower()
+    assert got["result"]["segments"]
