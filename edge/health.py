@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import structlog
@@ -29,15 +30,27 @@ log = structlog.get_logger("edge.health")
 Check = Callable[[], bool]
 
 
-def run_checks(checks: Mapping[str, Check]) -> tuple[bool, dict]:
-    """Run every check; an exception is a failed check with its message (never a 500)."""
+CHECK_TIMEOUT = 2.0  # s; a Redis that hangs (rather than refuses) must not hang the probe
+
+
+def run_checks(checks: Mapping[str, Check], timeout: float = CHECK_TIMEOUT) -> tuple[bool, dict]:
+    """Run every check at once; an exception, or no verdict within `timeout`, is a failed check
+    with its reason (never a 500, never a probe that hangs)."""
     results: dict[str, bool] = {}
     errors: dict[str, str] = {}
-    for name, check in checks.items():
-        try:
-            results[name] = bool(check())
-        except Exception as exc:  # noqa: BLE001 - a probe answers, whatever a check raises
+    pool = ThreadPoolExecutor(max_workers=max(len(checks), 1), thread_name_prefix="health")
+    futures = {name: pool.submit(check) for name, check in checks.items()}
+    wait(futures.values(), timeout=timeout)
+    for name, future in futures.items():
+        if not future.done():
+            results[name], errors[name] = False, f"no answer within {timeout:g} s"
+            continue
+        exc = future.exception()
+        if exc is not None:
             results[name], errors[name] = False, f"{type(exc).__name__}: {exc}"
+        else:
+            results[name] = bool(future.result())
+    pool.shutdown(wait=False)  # a hung check's thread ends when its call does
     ok = all(results.values())
     return ok, {"ready": ok, "checks": results, "errors": errors}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import urllib.request
 
 from prometheus_client import CollectorRegistry, Counter
@@ -56,3 +57,14 @@ def test_endpoints_answer_by_their_checks():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_check_that_hangs_fails_after_the_timeout():
+    release = threading.Event()
+    try:
+        ok, doc = run_checks({"stuck": release.wait, "fine": lambda: True}, timeout=0.2)
+        assert not ok
+        assert doc["checks"] == {"stuck": False, "fine": True}
+        assert doc["errors"]["stuck"] == "no answer within 0.2 s"
+    finally:
+        release.set()
