@@ -144,3 +144,39 @@ def test_schema_and_parser_agree(task, doc):
 def test_the_offline_status_the_agent_publishes_conforms():
     assert not errors("status", {"node": "gw-1", "online": False})
     assert errors("status", {"node": "gw-1", "online": False, "queues": {}})
+
+
+PROTOCOL_MD = README.parent / "docs" / "protocol.md"
+
+
+def test_protocol_doc_links_every_schema_and_documents_every_task_progress():
+    text = PROTOCOL_MD.read_text()
+    for name in NAMES:
+        assert f"(schema/{name}.schema.json)" in text
+    table = text.split("## Progress notes, per task", 1)[1].split("## ", 1)[0]
+    for task in TASKS:
+        assert f"`{task}`" in table, task
+    # the fields the progress schema allows are the fields the table names
+    for task, fields in (("asr", ("window", "windows")), ("superres", ("image", "images", "step", "steps")),
+                         ("lcm", ("step", "steps"))):
+        allowed = set(load("progress")["$defs"][task]["properties"]) - {"id", "task"}
+        assert allowed == set(fields)
+        row = next(line for line in table.splitlines() if line.startswith(f"| `{task}`"))
+        assert all(f"`{f}`" in row for f in fields), row
+
+
+def test_protocol_doc_names_every_mqtt5_property_the_code_sets_or_reads():
+    import inspect
+
+    from edge import mqtt, protocol
+    from edgectl import client
+
+    source = "".join(inspect.getsource(m) for m in (mqtt, protocol, client))
+    table = PROTOCOL_MD.read_text().split("## MQTT 5 properties used", 1)[1]
+    for attr, name in (("CorrelationData", "Correlation Data"), ("ResponseTopic", "Response Topic"),
+                       ("ContentType", "Content Type"), ("UserProperty", "User Property"),
+                       ("SessionExpiryInterval", "Session Expiry Interval"),
+                       ("ReceiveMaximum", "Receive Maximum"),
+                       ("MaximumPacketSize", "Maximum Packet Size")):
+        assert attr in source, attr
+        assert f"| {name} |" in table, name
