@@ -1,4 +1,5 @@
-"""The `superres` task: 4x image super-resolution, fast (residual CNN) or quality (LDM-SR).
+"""The `superres` task: 4x image super-resolution, fast (residual CNN) or quality (LDM-SR),
+or any scale through a user's own model (`generic`, a fast-mode bundle).
 
     handler = load(bundles, core, device)
     response = handler(request, progress)
@@ -30,9 +31,10 @@ from workers import budget
 from workers.api import BundleLike, DeviceSettings, Media, Progress, Request, Response
 from workers.superres import imageio
 from workers.superres.fast import FastPipeline
+from workers.superres.generic import GenericPipeline, is_generic
 from workers.superres.quality import LdmPipeline
 
-__all__ = ["FastPipeline", "LdmPipeline", "SuperResHandler", "load"]
+__all__ = ["FastPipeline", "GenericPipeline", "LdmPipeline", "SuperResHandler", "load"]
 
 
 def _mode(bundle: BundleLike) -> str:
@@ -44,7 +46,9 @@ def load(bundles: Sequence[BundleLike], core: ov.Core, device: DeviceSettings) -
     pipelines: dict[str, tuple[str, FastPipeline | LdmPipeline]] = {}
     for bundle in bundles:
         mode = _mode(bundle)
-        cls = LdmPipeline if mode == "quality" else FastPipeline
+        cls: type[FastPipeline] | type[LdmPipeline] = LdmPipeline if mode == "quality" \
+            else GenericPipeline if is_generic(bundle.manifest.get("settings", {})) \
+            else FastPipeline
         pipelines[bundle.name] = (mode, cls.load(bundle, core, device))
     if not pipelines:
         raise ModelUnavailable("no superres bundle is installed on this device")
@@ -88,7 +92,8 @@ class SuperResHandler:
         for i in range(total):
             decoded = imageio.decode_header(pending.popleft())
             out = self._upscale(pipeline, decoded, i, total, params, progress)
-            alpha = imageio.upscale_array(decoded.alpha) if decoded.alpha is not None else None
+            alpha = imageio.upscale_array(decoded.alpha, pipeline.scale) \
+                if decoded.alpha is not None else None
             item = imageio.encode(out, alpha=alpha, grey=decoded.grey,
                                   fmt=params.get("format", "png"),
                                   quality=int(params.get("quality", 90)),
@@ -106,8 +111,9 @@ class SuperResHandler:
         if isinstance(pipeline, LdmPipeline):
             for h in headers:
                 pipeline.check_size(h.height, h.width)
-        need = sum(h.cost + pipeline.working_bytes(h.height, h.width) for h in headers)
-        need += imageio.encoded_bound(headers)
+        need = sum(h.cost_at(pipeline.scale) + pipeline.working_bytes(h.height, h.width)
+                   for h in headers)
+        need += imageio.encoded_bound(headers, pipeline.scale)
         pixels = sum(h.pixels for h in headers)
         budget.check(need, self.job_memory,
                      f"upscaling {len(headers)} image(s) of {pixels / 1e6:.1f} MP in all")
