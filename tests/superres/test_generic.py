@@ -188,3 +188,22 @@ def test_prepared_folder_is_reused_until_the_model_changes(tmp_path):
     srmodels.save(srmodels.single(2, seed=2), tmp_path / "src")  # other weights, same name
     prepare_from(src, tmp_path / "prepared", options={"tile": TILE})
     assert (first / "bundle.json").stat().st_mtime_ns != stamp
+
+
+@pytest.mark.slow
+def test_the_builtin_fast_model_brought_as_a_user_model_gives_the_same_pixels(prepared,
+                                                                               tmp_path, core):
+    """The shipped sr-fast-x4 IR (u8 NHWC, dynamic, radius 5) prepared with --from: other
+    tiles (256 + 16 margin instead of 512 + 8), the very same pixels."""
+    from workers.superres.fast import FastPipeline
+
+    src = prepared["sr-fast-x4"]
+    folder = prepare_from(src / "sr_fast_x4.xml", tmp_path / "prepared", name="again")
+    s = _settings(folder)
+    assert (s["scale"], s["layout"], s["input_type"], s["output_type"]) == (4, "NHWC", "u8",
+                                                                             "u8")
+    device = DeviceSettings("CPU", F32)
+    builtin = FastPipeline.load(FolderBundle(src), core, device)
+    ours = GenericPipeline.load(FolderBundle(folder), core, device)
+    for image in (photo(300, 530, seed=11), photo(7, 9, seed=12)):
+        np.testing.assert_array_equal(ours([image])[0], builtin([image])[0])
