@@ -158,10 +158,11 @@ class GenericPipeline(FastPipeline):
 
     def _feed(self, lr: np.ndarray) -> dict:
         if self.spec.channels == "bgr":
-            # on the host, not in the graph: with a channel Gather (PrePostProcessor's
-            # reverse_channels, or our own) next to the first convolution, the CPU plugin of
-            # OpenVINO 2026.4 gave wrong colours in some graphs (measured: a two-input model
-            # lost its low-res reversal; a 0..255 single-input one with an output Gather too)
+            # on the host, not in the graph: with PrePostProcessor's reverse_channels (or our
+            # own channel Gather) OpenVINO 2026.4 on CPU gave wrong colours in some graphs
+            # (measured: a two-input model lost its low-res reversal; a 0..255 single-input
+            # one with an output Gather too), likely its RIC fusion folding the Gathers into
+            # the weights (openvino PR #9354). A tile flip is cheap beside the model.
             lr = np.ascontiguousarray(lr[..., ::-1])
         feed = {self.spec.lr_index: lr[None]}
         if self.spec.bicubic_index is not None:
