@@ -163,6 +163,26 @@ def test_a_model_with_three_inputs_is_refused(tmp_path):
         prepare_from(srmodels.save(model, tmp_path / "m"), tmp_path / "prepared")
 
 
+def test_an_ambiguous_layout_asks_for_the_option(tmp_path):
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    x = ops.parameter([1, 3, -1, 3], ov.Type.f32)  # channels first or last?
+    model = ov.Model([ops.relu(x)], [x])
+    with pytest.raises(BadRequest, match="layout=NCHW or NHWC"):
+        prepare_from(srmodels.save(model, tmp_path / "m"), tmp_path / "prepared")
+
+
+def test_prepared_folder_is_a_plaintext_bundle_of_the_task(tmp_path):
+    folder = prepare_from(srmodels.save(srmodels.single(2), tmp_path / "src" / "x2"),
+                          tmp_path / "prepared", version="5", options={"tile": TILE})
+    manifest = json.loads((folder / "bundle.json").read_text())
+    assert (manifest["name"], manifest["task"], manifest["version"]) == ("model", "superres",
+                                                                         "5")
+    assert manifest["settings"]["mode"] == "fast" and manifest["settings"]["xml"] == "model.xml"
+    assert sorted(p.name for p in folder.iterdir()) == ["bundle.json", "model.bin", "model.xml"]
+
+
 def test_handler_serves_a_scale_3_bundle_beside_the_others(tmp_path, core):
     """The task handler picks the generic pipeline from the bundle's settings and answers at
     the model's scale, alpha included."""
