@@ -23,6 +23,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +100,9 @@ def inspect(model: ov.Model, options: Mapping[str, str] = {},
     two = len(model.inputs) == 2
     lr, bic = _lr_and_bicubic(model) if two else (0, None)
     layout = _layout(model.inputs[lr].get_partial_shape(), options.get("layout"), "input")
-    out_layout = _layout(model.outputs[0].get_partial_shape(),
-                         options.get("output_layout", options.get("layout")), "output")
+    # None: the output's shape is too dynamic to tell; the probe run's concrete shape will
+    out_layout = _find_layout(model.outputs[0].get_partial_shape(),
+                              options.get("output_layout", options.get("layout")))
     in_type = model.inputs[lr].get_element_type().get_type_name()
     out_type = model.outputs[0].get_element_type().get_type_name()
     hw = _hw(model.inputs[lr].get_partial_shape(), layout)
@@ -108,7 +110,7 @@ def inspect(model: ov.Model, options: Mapping[str, str] = {},
     default_range = 255.0 if in_type == "u8" or two else 1.0
     spec = Interface(
         xml=XML, interface="lr+bicubic" if two else "single", scale=0, layout=layout,
-        output_layout=out_layout, input_type=in_type, output_type=out_type,
+        output_layout=out_layout or layout, input_type=in_type, output_type=out_type,
         input_range=_range(options["input_range"]) if "input_range" in options else default_range,
         output_range=0.0,  # found below
         channels=_choice(options.get("channels", "bgr" if two else "rgb"), ("rgb", "bgr"),
@@ -116,7 +118,7 @@ def inspect(model: ov.Model, options: Mapping[str, str] = {},
         lr_index=lr, bicubic_index=bic, native=native,
         tile=_int(options.get("tile"), TILE, "tile", 8), margin=_int(options.get("margin"),
                                                                       MARGIN, "margin", 0))
-    scale = _static_scale(model, spec)
+    scale = _static_scale(model, spec) if out_layout else 0
     if options.get("scale"):
         given = _int(options["scale"], 0, "scale", 1)
         if scale and given != scale:
@@ -124,6 +126,9 @@ def inspect(model: ov.Model, options: Mapping[str, str] = {},
         scale = given
     # a dynamic two-input model cannot show its factor: 4, the OMZ 1032 form, unless told
     out = _probe(model, spec, scale or 4, core or ov.Core())
+    if out_layout is None:
+        spec = replace(spec, output_layout=_layout(ov.PartialShape(list(out.shape)), None,
+                                                   "output"))
     found = _probe_scale(out, spec)
     if scale and found != scale:
         raise BadRequest(f"the model made {found}x from a probe image, not {scale}x")
@@ -149,11 +154,23 @@ def _lr_and_bicubic(model: ov.Model) -> tuple[int, int]:
 
 
 def _layout(shape: ov.PartialShape, given: str | None, what: str) -> str:
+    """NCHW or NHWC, from which axis has 3 channels, or a clear error."""
+    if not given and (shape.rank.is_dynamic or shape.rank.get_length() != 4):
+        raise BadRequest(f"the model's {what} is {shape}: a super-resolution model takes and "
+                         "gives 4-D images (NCHW or NHWC)")
+    found = _find_layout(shape, given)
+    if found is None:
+        raise BadRequest(f"cannot tell the model's {what} layout from {shape} (3 channels "
+                         "expected): pass --option layout=NCHW or NHWC")
+    return found
+
+
+def _find_layout(shape: ov.PartialShape, given: str | None) -> str | None:
+    """`_layout`, or None when the shape does not tell."""
     if given:
         return _choice(given.upper(), ("NCHW", "NHWC"), "layout")
     if shape.rank.is_dynamic or shape.rank.get_length() != 4:
-        raise BadRequest(f"the model's {what} is {shape}: a super-resolution model takes and "
-                         "gives 4-D images (NCHW or NHWC)")
+        return None
 
     def is3(d: ov.Dimension) -> bool:
         return d.is_static and d.get_length() == 3
@@ -162,8 +179,7 @@ def _layout(shape: ov.PartialShape, given: str | None, what: str) -> str:
         return "NCHW"
     if is3(shape[3]) and not is3(shape[1]):
         return "NHWC"
-    raise BadRequest(f"cannot tell the model's {what} layout from {shape} (3 channels "
-                     "expected): pass --option layout=NCHW or NHWC")
+    return None
 
 
 def _hw(shape: ov.PartialShape, layout: str) -> tuple[int | None, int | None]:
