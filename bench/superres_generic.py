@@ -5,7 +5,7 @@
 The built-in `sr-fast-x4` IR (u8 NHWC in and out, dynamic) is prepared again as if a user
 brought it, then both pipelines upscale the same images: 480x270 -> 1920x1080 (one tile for the
 built-in 512 tile, 2x2 tiles at the generic default of 256) and 960x540 (both tile). Prints
-medians over `--reps` and the generic/built-in ratio, and checks the pixels are identical.
+medians over `--reps` (interleaved runs) and the generic/built-in ratio, and checks the pixels are identical.
 Uses the prepared folder in ~/.cache/edge-daemon/prepared (or $EDGE_PREPARED_DIR). CPU plugin
 default precision (bf16 on AVX-512 bf16 machines), 2 threads, LATENCY hint.
 """
@@ -30,14 +30,17 @@ from workers.superres.prepare import prepare_from
 PREPARED = Path(os.environ.get("EDGE_PREPARED_DIR", Path.home() / ".cache/edge-daemon/prepared"))
 
 
-def median_s(fn, reps: int) -> float:
-    fn()  # warm-up: compiles the tile shapes
-    times = []
+def medians_s(fns, reps: int) -> list[float]:
+    """Median seconds of each function, runs interleaved (a shared machine's load drifts)."""
+    for fn in fns:
+        fn()  # warm-up: compiles the tile shapes
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, out in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def photo(h: int, w: int) -> np.ndarray:
@@ -63,8 +66,8 @@ def main() -> None:
             for h, w in ((270, 480), (540, 960)):
                 image = photo(h, w)
                 same = np.array_equal(builtin([image])[0], generic([image])[0])
-                base = median_s(lambda image=image: builtin([image]), args.reps)
-                ours = median_s(lambda image=image, g=generic: g([image]), args.reps)
+                base, ours = medians_s([lambda image=image: builtin([image]),
+                                        lambda image=image, g=generic: g([image])], args.reps)
                 print(f"{w}x{h} tile={generic.tile_shape[0]}: built-in {base * 1e3:.1f} ms, "
                       f"generic {ours * 1e3:.1f} ms, ratio {ours / base:.2f}, "
                       f"identical pixels: {same}")
