@@ -45,6 +45,16 @@ def single(scale: int, *, layout: str = "NCHW", dtype: str = "f32",
     return ov.Model([y], [x], "sr-single")
 
 
+def needs_multiple(scale: int, multiple: int) -> ov.Model:
+    """A dynamic f32 NCHW model that only runs on sizes divisible by `multiple` (a
+    space-to-depth and back, as strided encoders and window attention need), otherwise
+    `single`'s convolution: translation-equivariant, so tiles stay exact."""
+    x = ops.parameter([1, 3, -1, -1], ov.Type.f32, name="lr")
+    t = ops.depth_to_space(ops.space_to_depth(x, "depth_first", multiple), "depth_first",
+                           multiple)
+    return ov.Model([_conv_up(t, scale, centre=1.0, seed=5)], [x], "sr-multiple")
+
+
 def lr_bicubic(hw: tuple[int, int] | None = (24, 32), seed: int = 0) -> ov.Model:
     """The OMZ 1032 form: "0" low-res (1, 3, h, w) and "1" its 4x bicubic, BGR 0..255 in,
     0..1 out: (bicubic + conv residual of the low-res image) / 255."""

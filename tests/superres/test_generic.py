@@ -129,6 +129,22 @@ def test_onnx_export_of_a_torch_model_matches_a_direct_run(tmp_path, core):
     assert_matches(ours, srmodels.direct(ov.Core().read_model(src), image, scale=3))
 
 
+def test_a_model_needing_sizes_divisible_by_n_gets_padded_tiles(tmp_path, core):
+    model = srmodels.needs_multiple(2, 4)
+    with pytest.raises(BadRequest, match="multiple=N"):
+        _prepared(tmp_path, model, name="plain")
+    folder = _prepared(tmp_path, model, {"multiple": "4", "tile": "30"}, name="padded")
+    assert (_settings(folder)["multiple"], _settings(folder)["tile"]) == (4, 28)
+    pipeline = _pipeline(folder, core)
+    image = photo(50, 70, seed=10)  # neither side divisible by 4, several tiles
+    [ours] = pipeline([image])
+    # the pipeline edge-pads the whole image up to 52x72: the same padding, one direct run
+    padded = np.pad(image, ((0, 2), (0, 2), (0, 0)), mode="edge")
+    assert_matches(ours, srmodels.direct(model, padded, scale=2)[:100, :140])
+    [small] = pipeline([photo(5, 7)])  # one tile: margins, then up to a multiple of 4
+    assert small.shape == (10, 14, 3)
+
+
 def test_options_override_what_inspection_found(tmp_path, core):
     model = srmodels.single(2, seed=9)
     folder = _prepared(tmp_path, model, {"input_range": "255", "channels": "bgr"})

@@ -85,6 +85,7 @@ class FastPipeline:
         self.margin = MARGIN
         self.tile_shape = (tile, tile)
         self.fixed = (False, False)  # axes the model cannot be reshaped along
+        self.multiple = 1  # a dynamic axis' size must be divisible by it
         self._max_shapes = max_shapes
         self._compiled: OrderedDict[tuple[int, int], list[ov.InferRequest]] = OrderedDict()
 
@@ -203,7 +204,8 @@ class FastPipeline:
 
     def _pad(self, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...] | None:
         """Edge padding for an image thinner than the receptive field (or, along a fixed axis,
-        than the model's native tile), else None.
+        than the model's native tile; or along a dynamic one, not a multiple of `multiple`),
+        else None.
 
         On a thin image the network sees mostly zero padding (a 1x1 grey square rang by 14
         levels); replicated edges are what the in-graph bicubic assumes anyway.
@@ -213,8 +215,9 @@ class FastPipeline:
             if fixed and n < size:
                 lo = min(self.margin, (size - n) // 2)
                 pads.append((lo, size - n - lo))
-            elif not fixed and n < 2 * self.margin:
-                pads.append((self.margin, self.margin))
+            elif not fixed:
+                lo = hi = self.margin if n < 2 * self.margin else 0
+                pads.append((lo, hi + (-(n + lo + hi)) % self.multiple))
             else:
                 pads.append((0, 0))
         return tuple(pads) if any(lo or hi for lo, hi in pads) else None

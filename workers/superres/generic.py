@@ -63,6 +63,7 @@ class Interface:
     native: tuple[int | None, int | None]
     tile: int = TILE
     margin: int = MARGIN
+    multiple: int = 1  # a dynamic axis' size must be divisible by it
 
     def to_settings(self) -> dict[str, Any]:
         """The JSON-able form written into bundle.json's settings."""
@@ -137,6 +138,7 @@ class GenericPipeline(FastPipeline):
         self.margin = spec.effective_margin
         self.tile_shape = spec.tile_shape
         self.fixed = (spec.native[0] is not None, spec.native[1] is not None)
+        self.multiple = spec.multiple
 
     @classmethod
     def load(cls, bundle: BundleLike, core: ov.Core, device: DeviceSettings) -> GenericPipeline:

@@ -15,6 +15,8 @@ before it is returned. Options (all strings, each overriding what inspection fou
 * `layout` / `output_layout`: `NCHW` or `NHWC`, when the channel axis (size 3) is ambiguous.
 * `scale`: the factor, when the shapes cannot tell it (a dynamic two-input model).
 * `tile` (256): low-res tile of a dynamic model; `margin` (16): overlap context per side.
+* `multiple` (1): a dynamic model that needs its input's height and width divisible by N
+  (window attention, strided encoders) gets every tile edge-padded up to a multiple of N.
 """
 
 from __future__ import annotations
@@ -108,6 +110,8 @@ def inspect(model: ov.Model, options: Mapping[str, str] = {},
     hw = _hw(model.inputs[lr].get_partial_shape(), layout)
     native = (hw[0], hw[1])
     default_range = 255.0 if in_type == "u8" or two else 1.0
+    multiple = _int(options.get("multiple"), 1, "multiple", 1)
+    tile = max(_int(options.get("tile"), TILE, "tile", 8), multiple)
     spec = Interface(
         xml=XML, interface="lr+bicubic" if two else "single", scale=0, layout=layout,
         output_layout=out_layout or layout, input_type=in_type, output_type=out_type,
@@ -116,8 +120,8 @@ def inspect(model: ov.Model, options: Mapping[str, str] = {},
         channels=_choice(options.get("channels", "bgr" if two else "rgb"), ("rgb", "bgr"),
                          "channels"),
         lr_index=lr, bicubic_index=bic, native=native,
-        tile=_int(options.get("tile"), TILE, "tile", 8), margin=_int(options.get("margin"),
-                                                                      MARGIN, "margin", 0))
+        tile=tile - tile % multiple, margin=_int(options.get("margin"), MARGIN, "margin", 0),
+        multiple=multiple)
     scale = _static_scale(model, spec) if out_layout else 0
     if options.get("scale"):
         given = _int(options["scale"], 0, "scale", 1)
@@ -202,8 +206,7 @@ def _static_scale(model: ov.Model, spec: Interface) -> int:
 
 def _probe_scale(out: np.ndarray, spec: Interface) -> int:
     """The factor a probe run showed (output size over the probe's low-res size)."""
-    h = spec.native[0] or PROBE
-    w = spec.native[1] or PROBE
+    h, w = _probe_size(spec)
     h_out, w_out = (out.shape[spec.output_layout.index(a)] for a in "HW")
     if h_out % h or w_out % w or h_out // h != w_out // w or h_out < h:
         raise BadRequest(f"the model made {h_out}x{w_out} from a {h}x{w} probe image: not an "
@@ -213,8 +216,7 @@ def _probe_scale(out: np.ndarray, spec: Interface) -> int:
 
 def _probe(model: ov.Model, spec: Interface, scale: int, core: ov.Core) -> np.ndarray:
     """One run of the bare model on a smooth probe image, in the model's own numbers."""
-    h = spec.native[0] or PROBE
-    w = spec.native[1] or PROBE
+    h, w = _probe_size(spec)
     probe = _probe_image(h, w)
     dtype = model.inputs[spec.lr_index].get_element_type().to_dtype()
     inputs = {spec.lr_index: _as_model_input(probe, spec, dtype)}
@@ -230,6 +232,13 @@ def _probe(model: ov.Model, spec: Interface, scale: int, core: ov.Core) -> np.nd
         return np.asarray(compiled(inputs)[0])
     except RuntimeError as exc:
         raise BadRequest(f"the model does not run on a {h}x{w} probe image: {exc}") from None
+
+
+def _probe_size(spec: Interface) -> tuple[int, int]:
+    """The probe image's low-res size: native along static axes, else PROBE rounded up to the
+    model's `multiple`."""
+    dynamic = -(-PROBE // spec.multiple) * spec.multiple
+    return (spec.native[0] or dynamic, spec.native[1] or dynamic)
 
 
 def _probe_image(h: int, w: int) -> np.ndarray:
@@ -252,7 +261,7 @@ def _as_model_input(rgb: np.ndarray, spec: Interface, dtype: np.dtype) -> np.nda
 def _detect_output_range(out: np.ndarray, spec: Interface) -> float:
     """A super-resolution output keeps its input's mean: the ratio of the two tells the
     output's range (1, 255), relative to the input's."""
-    level = float(np.mean(_probe_image(spec.native[0] or PROBE, spec.native[1] or PROBE)))
+    level = float(np.mean(_probe_image(*_probe_size(spec))))
     ratio = float(np.mean(out)) / (level * spec.input_range / 255.0)
     for candidate in (spec.input_range, 1.0, 255.0):
         if 0.5 < ratio * spec.input_range / candidate < 2.0:
@@ -261,17 +270,24 @@ def _detect_output_range(out: np.ndarray, spec: Interface) -> float:
 
 
 def _validate(folder: Path, spec: Interface) -> None:
-    """Load the folder as a worker would and upscale one image larger than a tile."""
+    """Load the folder as a worker would and upscale an image larger than a tile and one
+    smaller."""
     from workers.api import DeviceSettings, FolderBundle
 
     pipeline = generic.GenericPipeline.load(FolderBundle(folder), ov.Core(),
                                             DeviceSettings("CPU", F32))
     th, tw = spec.tile_shape
-    h, w = th + th // 2 + 1, tw + 3
-    [out] = pipeline([_probe_image(h, w)])
-    if out.shape != (h * spec.scale, w * spec.scale, 3):
-        raise BadRequest(f"the prepared model gave {out.shape} for a {h}x{w} image, not "
-                         f"{spec.scale}x")
+    # one image larger than a tile, one smaller (an odd size along dynamic axes)
+    for h, w in ((th + th // 2 + 1, tw + 3), (th // 2 + 1, tw // 2 + 1)):
+        try:
+            [out] = pipeline([_probe_image(h, w)])
+        except RuntimeError as exc:
+            raise BadRequest(f"the prepared model failed on a {h}x{w} test image (a model "
+                             f"that needs sizes divisible by N: --option multiple=N): {exc}"
+                             ) from None
+        if out.shape != (h * spec.scale, w * spec.scale, 3):
+            raise BadRequest(f"the prepared model gave {out.shape} for a {h}x{w} image, not "
+                             f"{spec.scale}x")
 
 
 def _range(text: str) -> float:
