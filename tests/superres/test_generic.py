@@ -243,3 +243,18 @@ def test_the_builtin_fast_model_brought_as_a_user_model_gives_the_same_pixels(pr
     ours = GenericPipeline.load(FolderBundle(folder), core, device)
     for image in (photo(300, 530, seed=11), photo(7, 9, seed=12)):
         np.testing.assert_array_equal(ours([image])[0], builtin([image])[0])
+
+
+def test_a_users_model_does_not_become_the_default_beside_a_builtin_one(tmp_path, core):
+    from workers.superres import load
+
+    mine = _prepared(tmp_path, srmodels.single(2), name="aaa-mine")  # listed first
+    builtin = tmp_path / "builtin"
+    srmodels.save(srmodels.single(4, layout="NHWC", dtype="u8"), builtin, "sr_fast_x4")
+    (builtin / "bundle.json").write_text(json.dumps(
+        {"name": "builtin", "task": "superres", "version": "1", "settings": {"mode": "fast"}}))
+    device = DeviceSettings("CPU", F32)
+    both = load([FolderBundle(mine), FolderBundle(builtin)], core, device)
+    assert both(request(png(photo(8, 8))), no_progress).result["model"] == "builtin"
+    alone = load([FolderBundle(mine)], core, device)
+    assert alone(request(png(photo(8, 8))), no_progress).result["model"] == "aaa-mine"

@@ -5,7 +5,7 @@ or any scale through a user's own model (`generic`, a fast-mode bundle).
     response = handler(request, progress)
 
 Params (validated by `edge.tasks`): `mode` fast|quality, `model` (a bundle name; default: the
-first bundle of that mode), `format` png|jpeg|webp, `quality` (jpeg/webp), `compression` (png
+first built-in bundle of that mode, else the first user's own one), `format` png|jpeg|webp, `quality` (jpeg/webp), `compression` (png
 zlib level: 0 is fastest, 1 the default), and for quality mode `steps` and `seed`. Every image
 of a request is answered, in request order.
 
@@ -71,7 +71,11 @@ class SuperResHandler:
             if found_mode != mode:
                 raise BadRequest(f"model {model!r} is a {found_mode}-mode model, not {mode}")
             return model, pipeline
-        for name, (found_mode, pipeline) in self._pipelines.items():
+        # a user's own model (`prepare superres --from`) answers by default only where no
+        # built-in model of the mode is installed: installing one changes no default answer
+        ordered = sorted(self._pipelines.items(),
+                         key=lambda item: isinstance(item[1][1], GenericPipeline))
+        for name, (found_mode, pipeline) in ordered:
             if found_mode == mode:
                 return name, pipeline
         raise ModelUnavailable(f"no superres model for mode={mode} is installed here")
