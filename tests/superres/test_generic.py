@@ -169,6 +169,12 @@ def test_an_ir_without_its_weights_is_refused_clearly(tmp_path):
         prepare_from(xml, tmp_path / "prepared")
 
 
+def test_a_file_that_is_not_a_model_is_refused_clearly(tmp_path):
+    (tmp_path / "broken.onnx").write_bytes(b"this is not protobuf")
+    with pytest.raises(BadRequest, match="cannot read"):
+        prepare_from(tmp_path / "broken.onnx", tmp_path / "prepared")
+
+
 def test_a_model_with_three_inputs_is_refused(tmp_path):
     import openvino as ov
     import openvino.opset13 as ops

@@ -52,7 +52,10 @@ def prepare_from(source: Path, cache_dir: Path, *, name: str | None = None, vers
     if not force and _reusable(final, version, digest, options):
         return final
     core = ov.Core()
-    model = core.read_model(path)
+    try:
+        model = core.read_model(path)  # ONNX too: OpenVINO's frontend converts it
+    except RuntimeError as exc:
+        raise BadRequest(f"{path}: OpenVINO cannot read this model: {exc}") from None
     spec = inspect(model, options, core)
     settings: dict[str, Any] = {
         "mode": "fast",
