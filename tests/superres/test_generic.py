@@ -264,3 +264,19 @@ def test_a_users_model_does_not_become_the_default_beside_a_builtin_one(tmp_path
     assert both(request(png(photo(8, 8))), no_progress).result["model"] == "builtin"
     alone = load([FolderBundle(mine)], core, device)
     assert alone(request(png(photo(8, 8))), no_progress).result["model"] == "aaa-mine"
+
+
+def test_a_users_model_the_device_cannot_run_leaves_the_others_serving(tmp_path, core):
+    """Prepared elsewhere, it fails here (a corrupt IR stands in for an unsupported op): the
+    task loads without it and asking for it is `model_unavailable`."""
+    from edge.errors import ModelUnavailable
+    from workers.superres import load
+
+    good = _prepared(tmp_path, srmodels.single(2), name="good")
+    bad = _prepared(tmp_path, srmodels.single(3), name="bad")
+    (bad / "model.xml").write_text((bad / "model.xml").read_text().replace("Convolution",
+                                                                           "NoSuchOp"))
+    handler = load([FolderBundle(bad), FolderBundle(good)], core, DeviceSettings("CPU", F32))
+    assert handler(request(png(photo(8, 8))), no_progress).result["model"] == "good"
+    with pytest.raises(ModelUnavailable):
+        handler(request(png(photo(8, 8)), model="bad"), no_progress)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import openvino as ov
+import structlog
 
 from edge import constants as C
 from edge.errors import BadRequest, ModelUnavailable
@@ -35,6 +36,8 @@ from workers.superres.generic import GenericPipeline, is_generic
 from workers.superres.quality import LdmPipeline
 
 __all__ = ["FastPipeline", "GenericPipeline", "LdmPipeline", "SuperResHandler", "load"]
+
+log = structlog.get_logger("workers.superres")
 
 
 def _mode(bundle: BundleLike) -> str:
@@ -49,7 +52,15 @@ def load(bundles: Sequence[BundleLike], core: ov.Core, device: DeviceSettings) -
         cls: type[FastPipeline] | type[LdmPipeline] = LdmPipeline if mode == "quality" \
             else GenericPipeline if is_generic(bundle.manifest.get("settings", {})) \
             else FastPipeline
-        pipelines[bundle.name] = (mode, cls.load(bundle, core, device))
+        try:
+            pipelines[bundle.name] = (mode, cls.load(bundle, core, device))
+        except RuntimeError as exc:  # OpenVINO's errors; a tampered file raises otherwise
+            if cls is not GenericPipeline:
+                raise
+            # a user's model that this device cannot compile must not take the built-in
+            # models down with it: it is left out, and asked for, it is `model_unavailable`
+            log.error("superres_model_skipped", bundle=bundle.name, device=device.name,
+                      error=str(exc))
     if not pipelines:
         raise ModelUnavailable("no superres bundle is installed on this device")
     return SuperResHandler(pipelines, device.job_memory)
