@@ -282,8 +282,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         if not args.source.exists():
             print(f"edgectl: {args.source}: no such file or folder", file=sys.stderr)
             return 2
-        folders = [prepare_from(args.source, args.cache, name=args.name,
-                                version=args.version, force=args.force, options=options)]
+        from edge.errors import EdgeError
+
+        try:
+            folders = [prepare_from(args.source, args.cache, name=args.name,
+                                    version=args.version, force=args.force, options=options)]
+        except EdgeError as exc:  # a model we cannot serve: say why, no traceback
+            print(f"edgectl: {exc.message}", file=sys.stderr)
+            return 2
     else:
         folders = module.prepare(args.cache, force=args.force, options=options)
     for folder in folders:
