@@ -80,6 +80,8 @@ class SecureMosquitto(LocalService):
         text = text.replace("/var/lib/mosquitto/", f"{self.workdir}/")
         text = re.sub(r"(?m)^listener 8883$", f"listener {self.port} 127.0.0.1", text)
         text += f"\nuser {getpass.getuser()}\nlog_dest stderr\nlog_type all\n"
+        # the shipped file leaves the location to Debian's main mosquitto.conf
+        text += f"persistence_location {self.workdir}/\n"
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(text)
         return [self.binary, "-c", str(conf)]
