@@ -106,6 +106,7 @@ class SecureRedis(LocalService):
         text = re.sub(r"(?m)^port 0$", f"port {self.port}", text)
         text = re.sub(r"(?m)^unixsocket .*$", f"unixsocket {self.socket}", text)
         text = re.sub(r"(?m)^dir .*$", f"dir {self.workdir}", text)
+        text = re.sub(r"(?m)^pidfile .*$", f"pidfile {self.workdir}/redis.pid", text)
         text = re.sub(r"(?m)^supervised .*$", "supervised no", text)
         text += f"\nuser admin on >{self.admin_password} ~* &* +@all\n"
         conf = self.workdir / "redis.conf"
