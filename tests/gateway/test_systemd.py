@@ -82,7 +82,10 @@ def gw():
         (container.CACHE / "last-journal.txt").write_text(journal.stdout)
         gateway.shutdown()
         print(f"\njournal: {work / 'journal.txt'}; systemd-analyze security: {SCORES}")
-        shutil.rmtree(rootfs, ignore_errors=True)
+        # keep only the journal: the rootfs copy, the wheel and the payload (a test keyring)
+        # go; the next run of this pid's folder starts clean anyway
+        for leftover in (rootfs, work / "build", work / "payload"):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _show(gw, unit: str, *props: str) -> dict[str, str]:
@@ -107,8 +110,7 @@ def _submit(gw, args: str) -> dict:
 
 
 def test_init_gateway_from_the_installed_wheel(gw):
-    out = gw.run("edgectl init-gateway --node gw-ct --tls-name localhost "
-                 "--tls-name 127.0.0.1").stdout
+    out = gw.run("edgectl init-gateway --node gw-0001").stdout
     assert "left to do:" in out
     assert gw.run("getent group edge edge-redis").stdout.count("\n") == 2
     modes = gw.run("stat -c '%a %U %G %n' /etc/edge /etc/edge/edge.toml /etc/edge/redis-agent "
@@ -139,7 +141,7 @@ def test_operator_steps_then_edge_target_starts_ready(gw):
     # Type=notify: `active` means READY=1 arrived, sent after every bundle compiled
     status = _show(gw, CPU, "StatusText")["StatusText"]
     assert "serving" in status and "tokenize" in status, status
-    assert not gw.run("test -e /etc/edge/keyring.json", check=False).returncode == 0
+    assert gw.run("test -e /etc/edge/keyring.json", check=False).returncode != 0
 
 
 def test_keyring_arrives_as_the_encrypted_credential(gw):
@@ -203,6 +205,8 @@ def test_systemd_analyze_security_scores_the_loaded_units(gw):
         SCORES[unit] = float(match.group(1))
     print(f"systemd-analyze security (loaded): {SCORES}")
     assert SCORES["edge-agent.service"] <= 2.0 and SCORES[CPU] <= 2.0, SCORES
+    # Debian's own unit scores 9.6; systemd/mosquitto.service.d/edge.conf sandboxes it
+    assert SCORES["mosquitto.service"] <= 5.0, SCORES
 
 
 def test_stop_is_warm_and_loses_no_job(gw):
