@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 import zipfile
 
 import pytest
 
-from tests.gateway.wheel import ROOT, build_python, build_wheel, setuptools_version
+from tests.gateway.wheel import ROOT, build_python, build_sdist, build_wheel, setuptools_version
 
 pytestmark = pytest.mark.slow
 
@@ -58,3 +59,14 @@ def test_install_units_and_init_gateway_run_from_the_installed_wheel(wheel, tmp_
     assert (tmp_path / "b/etc/mosquitto/conf.d/edge.conf").read_text() == (
         ROOT / "configs/mosquitto.conf").read_text()
     assert "user edge-agent-gw-w" in (tmp_path / "b/etc/mosquitto/edge/acl").read_text()
+
+
+def test_sdist_carries_the_same_files_as_real_files(tmp_path):
+    with tarfile.open(build_sdist(tmp_path)) as tar:
+        members = {m.name.split("/", 1)[1]: m for m in tar.getmembers() if "/" in m.name}
+        for folder in ("systemd", "configs"):
+            for path in (p for p in (ROOT / folder).rglob("*") if p.is_file()):
+                inside = f"edgectl/data/{folder}/{path.relative_to(ROOT / folder).as_posix()}"
+                assert inside in members and members[inside].isfile(), inside
+                extracted = tar.extractfile(members[inside])
+                assert extracted is not None and extracted.read() == path.read_bytes(), inside

@@ -28,8 +28,8 @@ def setuptools_version(python: str) -> str:
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
-def build_wheel(workdir: Path, python: str | None = None) -> Path:
-    """`pip wheel --no-deps --no-build-isolation` of a copy of the checkout; the wheel's path."""
+def copy_checkout(workdir: Path) -> Path:
+    """What a build reads from the checkout, copied to workdir/src (symlinks kept)."""
     src = workdir / "src"
     src.mkdir(parents=True)
     for name in SHIPPED:
@@ -39,9 +39,26 @@ def build_wheel(workdir: Path, python: str | None = None) -> Path:
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copy2(ROOT / name, src / name)
+    return src
+
+
+def build_wheel(workdir: Path, python: str | None = None) -> Path:
+    """`pip wheel --no-deps --no-build-isolation` of a copy of the checkout; the wheel's path."""
+    src = copy_checkout(workdir)
     out = workdir / "dist"
     subprocess.run([python or build_python(), "-m", "pip", "wheel", "--no-deps",
                     "--no-build-isolation", "-q", "-w", str(out), str(src)],
                    check=True, capture_output=True, text=True)
     (wheel,) = out.glob("*.whl")
     return wheel
+
+
+def build_sdist(workdir: Path, python: str | None = None) -> Path:
+    """The sdist of a copy of the checkout, through setuptools' PEP 517 backend."""
+    src = copy_checkout(workdir)
+    out = workdir / "sdist"
+    subprocess.run([python or build_python(), "-c", "import sys; from setuptools import "
+                    "build_meta as b; b.build_sdist(sys.argv[1])", str(out)], cwd=src,
+                   check=True, capture_output=True, text=True)
+    (sdist,) = out.glob("*.tar.gz")
+    return sdist
