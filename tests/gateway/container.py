@@ -76,9 +76,29 @@ def _cached(name: str, build) -> Path:
 
 def base_rootfs() -> Path:
     def build(tmp: Path) -> None:
-        subprocess.run(["debootstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES),
-                        "bookworm", str(tmp), mirror()], check=True, capture_output=True)
+        try:
+            subprocess.run(["debootstrap", "--variant=minbase",
+                            "--include=" + ",".join(PACKAGES), "bookworm", str(tmp), mirror()],
+                           check=True, capture_output=True)
+        finally:
+            # debootstrap can leave the host's /proc mounted in the target (seen here): a copy
+            # of the tree would then descend into it (/proc/kcore...) and fill the disk
+            unmount_below(tmp)
     return _cached(f"rootfs-{_key(PACKAGES)}", build)
+
+
+def unmount_below(path: Path) -> None:
+    """Unmount whatever is mounted inside `path` (deepest first); `path` itself is left."""
+    prefix = str(path.resolve()) + "/"
+    targets = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    for target in sorted((t for t in targets if t.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """`cp -a` that never crosses into a file system mounted inside `src` (-x)."""
+    unmount_below(src)
+    subprocess.run(["cp", "-a", "-x", f"{src}/.", str(dst)], check=True)
 
 
 def runtime_requirements() -> list[str]:
@@ -114,7 +134,8 @@ def ready_rootfs() -> Path:
     reqs = runtime_requirements()
 
     def build(tmp: Path) -> None:
-        subprocess.run(["cp", "-a", f"{base}/.", str(tmp)], check=True)
+        tmp.mkdir()
+        copy_tree(base, tmp)
         quoted = " ".join(f"'{r}'" for r in reqs)
         done = nspawn_run(tmp, f"python3 -m venv {VENV} && {VENV}/bin/pip install -q "
                                f"--no-index --find-links /wheelhouse {quoted}",

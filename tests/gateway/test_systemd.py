@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import shutil
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -68,7 +67,8 @@ def gw():
     work.mkdir(parents=True)
     ready = container.ready_rootfs()
     rootfs = work / "rootfs"
-    subprocess.run(["cp", "-a", f"{ready}/.", str(rootfs)], check=True)
+    rootfs.mkdir()
+    container.copy_tree(ready, rootfs)
     wheel = build_wheel(work / "build")
     done = container.nspawn_run(rootfs, f"{container.VENV}/bin/pip install -q --no-index "
                                         f"--no-deps /dist/{wheel.name}", {wheel.parent: "/dist"})
