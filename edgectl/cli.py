@@ -10,6 +10,7 @@
     edgectl top [--interval S] [--once]                     live view: tasks, queues, workers, errors
     edgectl bench BUNDLE [--shape N[..]] [--niter N|--time S] benchmark_app for a bundle's IR
     edgectl install-units [--root DIR] [--bindir DIR]       copy the systemd units (starts nothing)
+    edgectl init-gateway [--root DIR] [--node N]            units, groups, /etc/edge, Redis, Mosquitto
 """
 
 from __future__ import annotations
@@ -93,6 +94,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--root", default="/", help="install under this tree (DESTDIR)")
     p.add_argument("--bindir", help="where edge-agent/edge-worker are (default: this venv's bin)")
     p.set_defaults(func=lambda a: __import__("edgectl.units").units.main(a.root, a.bindir))
+
+    p = sub.add_parser("init-gateway", help="lay out this gateway: units, groups, /etc/edge, "
+                                            "Redis and Mosquitto configs (starts nothing)")
+    p.add_argument("--root", default="/", help="write under this tree (DESTDIR)")
+    p.add_argument("--node", help="this gateway's name (default: the short host name)")
+    p.add_argument("--bindir", help="where edge-agent/edge-worker are (default: this venv's bin)")
+    p.add_argument("--tls-name", action="append", default=[], metavar="NAME",
+                   help="DNS name or IP in the broker's certificate (default: this host's FQDN, "
+                        "localhost, 127.0.0.1)")
+    p.set_defaults(func=lambda a: __import__("edgectl.gateway").gateway.main(
+        a.root, a.node, a.bindir, a.tls_name))
 
     from keys.cli import add_subcommands
 
