@@ -265,8 +265,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         if not args.source.exists():
             print(f"edgectl: {args.source}: no such file or folder", file=sys.stderr)
             return 2
-        folders = [prepare_from(args.source, args.cache, name=args.name,
-                                version=args.version, force=args.force, options=options)]
+        try:
+            folders = [prepare_from(args.source, args.cache, name=args.name,
+                                    version=args.version, force=args.force, options=options)]
+        except ValueError as exc:  # a checkpoint the task cannot read (asr: CheckpointError)
+            print(f"edgectl: prepare {args.task} --from {args.source}: {exc}", file=sys.stderr)
+            return 2
     else:
         folders = module.prepare(args.cache, force=args.force, options=options)
     for folder in folders:
