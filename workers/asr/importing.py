@@ -158,10 +158,10 @@ def _copy_openvino(source: Path, out: Path) -> str:
         AutoTokenizer.from_pretrained(source).save_pretrained(out)
         (out / "vocab.json").unlink(missing_ok=True)  # ours (the decode table) comes later
     _ensure_preprocessor(source, out)
-    encoder = core.read_model(source / IR_FILES[0])
-    types = {str(op.get_element_type()) for op in encoder.get_ordered_ops()
-             if op.get_type_name() == "Constant"}
-    return "int8" if "i8" in types or "u8" in types else "fp16" if "f16" in types else "fp32"
+    # the weights' type as saved (read_model would report the decompressed f32 constants)
+    xml = (source / IR_FILES[0]).read_text("utf-8")
+    types = set(re.findall(r'type="Const"[^>]*>\s*<data element_type="(\w+)"', xml))
+    return "int8" if types & {"i8", "u8", "i4", "u4"} else "fp16" if "f16" in types else "fp32"
 
 
 def write_card(folder: Path, *, name: str, version: str, weight_format: str,
