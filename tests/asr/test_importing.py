@@ -106,6 +106,17 @@ def test_a_decoder_without_state_is_refused(prepared, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_model_that_does_not_load_is_refused_and_nothing_is_published(prepared, tmp_path):
+    src = tmp_path / "broken"
+    shutil.copytree(prepared, src, ignore=shutil.ignore_patterns("bundle.json", "vocab.json"))
+    weights = src / "openvino_encoder_model.bin"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated weights
+    with pytest.raises(CheckpointError, match="does not run in WhisperPipeline"):
+        prepare_from(src, tmp_path / "cache")
+    assert not any((tmp_path / "cache").iterdir())
+
+
+@pytest.mark.slow
 def test_a_hugging_face_folder_is_prepared(prepared, tmp_path):
     from workers.asr import packaged
     from workers.asr.ct2 import build_hf
