@@ -35,7 +35,7 @@ SPECIAL = {
 _GENERATION_IDS = {"decoder_start_token_id": "sot", "no_timestamps_token_id": "notimestamps",
                    "prev_sot_token_id": "startofprev"}
 _TIMESTAMP = re.compile(r"<\|(\d+\.\d+)\|>")
-_LANGUAGE = re.compile(r"<\|([a-z]{2,3}|haw|yue)\|>")
+_LANGUAGE = re.compile(r"<\|([a-z]{2,3})\|>")  # en, haw, yue...
 MULTILINGUAL_VOCAB = 51865  # Whisper's rule (openai, CTranslate2): fewer tokens = English-only
 
 
