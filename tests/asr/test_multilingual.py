@@ -101,3 +101,28 @@ def test_long_audio_keeps_the_detected_language(base_pipeline, speak):
     assert len(audio) > 16000 * 30  # more than one window
     result = base_pipeline(audio)
     assert result.language == "es" and len(result.segments) > 2
+
+
+def test_the_packed_bundle_serves_through_edgectl_run(keyring_file, tmp_path, speak, capsys):
+    """`edgectl prepare asr --from DIR` encrypts the user's model into the bundle dir, and
+    `edgectl run` (the worker's code path) answers from that encrypted bundle."""
+    from edgectl import cli
+    from edgectl.localdaemon import write_config
+
+    from .conftest import PREPARED
+
+    config = write_config(tmp_path / "edge.toml", node="t", mqtt_port=1, redis_url="redis://x",
+                          bundle_dir=tmp_path / "bundles", keyring_file=keyring_file,
+                          tasks={"asr": {"devices": ["CPU"]}})
+    assert cli.main(["--config", str(config), "prepare", "asr", "--from", str(packaged.base()),
+                     "--cache", str(PREPARED)]) == 0
+    assert "packed" in capsys.readouterr().out
+    wav = tmp_path / "de.wav"
+    wav.write_bytes(speak(GERMAN, "de", 140))
+    assert cli.main(["--config", str(config), "run", "asr", str(wav),
+                     "--param", "model=whisper-base", "--param", "task=translate"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["status"] == "ok", answer
+    result = answer["result"]
+    assert result["model"] == "whisper-base" and result["language"] == "de"
+    assert "good morning" in result["text"].lower()
