@@ -23,6 +23,10 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v promtool >/dev/null || need+=(prometheus)  # promtool: tests/tooling checks ops/prometheus
 [ -f /usr/include/mosquitto.h ] || need+=(libmosquitto-dev)  # examples/c/device.c
 command -v gcc >/dev/null || need+=(gcc)
+# tests/gateway boots a real systemd in a Debian container it makes (skipped, with the reason,
+# where namespaces are not allowed)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v systemd-nspawn >/dev/null || need+=(systemd-container)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
