@@ -111,3 +111,37 @@ def test_runtime_modules_do_not_import_torch():
             "bad = [m for m in ('torch', 'transformers', 'diffusers', 'PIL') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_kohya_names_give_the_module_path_merge_finds():
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    a = np.ones((2, 3), np.float32)
+    b = np.ones((4, 2), np.float32)
+    base = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"
+    tensors = {f"{base}.lora_down.weight": a, f"{base}.lora_up.weight": b,
+               f"{base}.alpha": np.array(1.0, np.float32)}
+    parsed = lora.read_safetensors(_safetensors(tensors, dict.fromkeys(tensors, "F32")))
+    deltas = lora.lora_deltas(parsed)
+    assert list(deltas) == ["down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"]
+    np.testing.assert_allclose(deltas[next(iter(deltas))], np.full((4, 3), 1.0, np.float32))
+    # a model whose weight Constant carries the dotted module path, as optimum names it
+    x = ops.parameter([1, 3], np.float32, name="x")
+    weight = ops.constant(np.zeros((4, 3), np.float32))
+    weight.set_friendly_name("self.model.down_blocks.0.attentions.0.transformer_blocks.0."
+                             "attn1.to_out.0.weight")
+    model = ov.Model([ops.matmul(x, weight, False, True)], [x])
+    merged = lora.merge(model, deltas, 0.5)
+    (const,) = [op for op in merged.get_ops() if op.get_type_name() == "Constant"
+                and op.get_friendly_name().endswith("to_out.0.weight")]
+    np.testing.assert_allclose(const.get_data(), np.full((4, 3), 0.5, np.float32))
+
+
+def test_text_encoder_lora_is_refused_not_ignored():
+    a = np.ones((2, 3), np.float32)
+    tensors = {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": a,
+               "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": a.T.copy()}
+    parsed = lora.read_safetensors(_safetensors(tensors, dict.fromkeys(tensors, "F32")))
+    with pytest.raises(lora.LoraError, match="text encoder"):
+        lora.lora_deltas(parsed)

@@ -1,7 +1,11 @@
 """LoRA for the UNet: read safetensors without torch, merge deltas onto the IR's Constants.
 
 Key names are diffusers/peft (`unet.<module>.lora_A.weight` / `.lora_B.weight`, as
-`save_lora_weights` writes them) or the older diffusers `.lora.down.weight` / `.lora.up.weight`.
+`save_lora_weights` writes them), the older diffusers `.lora.down.weight` / `.lora.up.weight`,
+or kohya's (`lora_unet_<module with "_" for ".">.lora_down.weight` / `.lora_up.weight` /
+`.alpha`, as sd-scripts and the LCM-LoRA release write them; kohya names diffusers' modules, so
+`merge` finds the IR Constant whose module path, dots made underscores, is that name).
+Text-encoder LoRA (`lora_te*_`, `text_encoder.`) is refused: only the UNet is adapted.
 alpha comes from `<module>.alpha` tensors (kohya-style), else from the peft config diffusers
 stores in the `lora_adapter_metadata` JSON (`unet.lora_alpha`, `unet.alpha_pattern`,
 `unet.use_rslora`), else alpha = r (scale 1). The rank is the A tensor's first dimension.
@@ -20,7 +24,10 @@ import numpy as np
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
            "BOOL": np.bool_}
-_PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"))
+_PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"),
+          (".lora_down.weight", ".lora_up.weight"))
+KOHYA_UNET = "lora_unet_"
+_TEXT_ENCODER = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.")
 
 
 class LoraError(ValueError):
@@ -80,7 +87,13 @@ def lora_deltas(lora: SafeTensors, prefix: str = "unet.") -> dict[str, np.ndarra
             up = lora.tensors.get(base + b_suffix)
             if up is None:
                 raise LoraError(f"LoRA tensor {key!r} has no matching up/B tensor")
-            module = base[len(prefix):] if base.startswith(prefix) else base
+            if base.startswith(_TEXT_ENCODER):
+                raise LoraError(f"LoRA tensor {key!r} adapts the text encoder; only UNet "
+                                "LoRAs are supported")
+            module = base
+            for known in (prefix, KOHYA_UNET):
+                if base.startswith(known):
+                    module = base[len(known):]
             rank = down.shape[0]
             scale = _scale(lora.tensors.get(base + ".alpha"), config, module, rank)
             out[module] = np.float32(scale) * _product(up, down)
@@ -158,4 +171,20 @@ def _find_constant(constants: Mapping[str, Any], module: str) -> Any:
     hits = [n for n in constants if n.endswith(f".{module}.weight")]
     if len(hits) == 1:
         return constants[hits[0]]
+    if "." not in module:  # kohya: the module path with "_" for "."
+        hits = [n for n in constants if _underscored(n) == module]
+        if len(hits) == 1:
+            return constants[hits[0]]
     raise LoraError(f"LoRA targets {module!r}, which this model does not have")
+
+
+def _underscored(constant: str) -> str | None:
+    """`self.model.down_blocks.0.attn1.to_q.weight` -> `down_blocks_0_attn1_to_q` (kohya's name)."""
+    if not constant.endswith(".weight"):
+        return None
+    path = constant[: -len(".weight")]
+    for head in ("self.model.", "self."):
+        if path.startswith(head):
+            path = path[len(head):]
+            break
+    return path.replace(".", "_")
