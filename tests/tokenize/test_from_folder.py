@@ -149,3 +149,32 @@ def test_plan_comes_from_the_normalizer_config():
                                                                 {"type": "Lowercase"}]}) == (
         ("lower",), ())
     assert plan_normalizer(None) == ((), ())
+
+
+@pytest.mark.slow
+def test_edgectl_prepare_from_packs_a_bundle_that_edgectl_run_serves(tmp_path, capsys):
+    """The whole operator path: `prepare tokenize --from` encrypts, `run` decrypts and serves."""
+    import json
+
+    from edgectl.cli import main
+    from edgectl.localdaemon import write_config
+    from keys import Keyring
+
+    ring = tmp_path / "ring.json"
+    Keyring.generate().save(ring)
+    config = write_config(tmp_path / "edge.toml", node="t", mqtt_port=1, redis_url=
+                          "redis://127.0.0.1:1/0", bundle_dir=tmp_path / "bundles",
+                          keyring_file=ring, tasks={"tokenize": {"devices": ["CPU"]}})
+    src = _sources(tmp_path)["my-bert"][0]
+    assert main(["--config", str(config), "prepare", "tokenize", "--from", str(src),
+                 "--name", "own-bert", "--version", "4", "--cache", str(tmp_path / "cache")]) == 0
+    capsys.readouterr()
+    assert main(["--config", str(config), "run", "tokenize", "Hello, gateway!",
+                 "--param", "model=own-bert"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    expected = reference(src / "tokenizer.json", 128).encode("Hello, gateway!").ids
+    assert answer["status"] == "ok", answer
+    assert answer["result"] == {"model": "own-bert", "ids": expected}
+    packed = [p for p in (tmp_path / "bundles").rglob("*") if p.is_file()]
+    assert any(p.name.startswith("tokenizer_special") for p in packed)
+    assert not any(b"<?xml" in p.read_bytes()[:64] for p in packed)  # encrypted, not plaintext
