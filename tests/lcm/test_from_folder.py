@@ -8,7 +8,8 @@ would have it on disk and prepares that:
 * (b) an SD1.5-layout folder (StableDiffusionPipeline, PNDM scheduler, a UNet without
   `time_cond_proj_dim`) plus an "LCM-LoRA" in kohya naming, fused at pack time;
 * (c) an optimum-intel OpenVINO export of (a) (`main_export(task="text-to-image")`, optimum's
-  defaults, as `optimum-cli export openvino` writes it).
+  defaults, as `optimum-cli export openvino` writes it), and an fp16 export of it serving the
+  kohya LoRA per request (f16 weights: images within 6 levels, mean <= 1; measured 3 / 0.38).
 
 References: diffusers on the same weights. (a), (c): LatentConsistencyModelPipeline, the
 tolerance of test_parity.py (images to one 8-bit level on <= 0.5% of pixels, per-step denoised
@@ -291,3 +292,38 @@ def test_a_folder_of_another_kind_is_refused(tmp_path):
     (tmp_path / "unet").mkdir()
     with pytest.raises(ValueError, match="neither a diffusers folder"):
         prepare_from(tmp_path, tmp_path / "cache")
+
+
+def test_fp16_openvino_export_serves_kohya_lora_close_to_diffusers(root, lcm_source):
+    """`optimum-cli export openvino --weight-format fp16`: f16 weights, a per-request kohya LoRA
+    merged onto them. Tolerance (f16 weight rounding, measured here): images within
+    FP16_LEVELS 8-bit levels of diffusers' f32 fused-LoRA image, mean within FP16_MEAN."""
+    from diffusers import LatentConsistencyModelPipeline
+    from optimum.exporters.openvino import main_export
+    from optimum.intel import OVConfig
+
+    from workers.lcm.prepare import prepare_from
+
+    export = root / "my-lcm-ov16"
+    main_export(str(lcm_source), str(export), task="text-to-image", local_files_only=True,
+                ov_config=OVConfig(dtype="fp16"))
+    folder = prepare_from(export, root / "cache", name="my-lcm-ov16",
+                          options={"loras": str(root / "loras" / "style_kohya.safetensors")})
+    fused = LatentConsistencyModelPipeline.from_pretrained(str(lcm_source), local_files_only=True)
+    fused.set_progress_bar_config(disable=True)
+    fused.load_lora_weights(str(root / "loras"), weight_name="style_kohya.safetensors",
+                            adapter_name="style")
+    fused.fuse_lora(lora_scale=0.7)
+    fused.unload_lora_weights()
+    ref, _, noise = _reference_run(fused, PROMPT, steps=4, width=64, height=64, seed=5,
+                                   guidance=8.0)
+    pixels, _ = _run(_ours(folder), PROMPT, noise, steps=4, width=64, height=64,
+                     lora="style_kohya", lora_weight=0.7)
+    diff = np.abs(pixels.astype(int) - ref.astype(int))
+    assert diff.max() <= FP16_LEVELS and diff.mean() <= FP16_MEAN, (diff.max(), diff.mean())
+    plain, _ = _run(_ours(folder), PROMPT, noise, steps=4, width=64, height=64)
+    assert np.abs(plain.astype(int) - ref.astype(int)).mean() > 2  # the LoRA mattered
+
+
+# measured: max 3 levels, mean 0.38; about twice that is allowed
+FP16_LEVELS, FP16_MEAN = 6, 1.0

@@ -145,3 +145,27 @@ def test_text_encoder_lora_is_refused_not_ignored():
     parsed = lora.read_safetensors(_safetensors(tensors, dict.fromkeys(tensors, "F32")))
     with pytest.raises(lora.LoraError, match="text encoder"):
         lora.lora_deltas(parsed)
+
+
+def test_lora_merges_into_fp16_compressed_weights():
+    """fp16 exports hold `<name>_compressed` (f16) -> Convert `<name>`: the merge reads the f16
+    weight, adds the delta in f32 and feeds the layer an f32 Constant."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    name = "self.model.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    base = np.arange(12, dtype=np.float32).reshape(4, 3) / 7
+    compressed = ops.constant(base.astype(np.float16))
+    compressed.set_friendly_name(name + "_compressed")
+    weight = ops.convert(compressed, "f32")
+    weight.set_friendly_name(name)
+    x = ops.parameter([1, 3], np.float32, name="x")
+    model = ov.Model([ops.matmul(x, weight, False, True)], [x])
+    delta = np.full((4, 3), 1e-3, np.float32)
+    merged = lora.merge(model, {"mid_block.attentions.0.transformer_blocks.0.attn1.to_q": delta},
+                        2.0)
+    (const,) = [op for op in merged.get_ops() if op.get_friendly_name() == name]
+    assert const.get_type_name() == "Constant" and const.get_data().dtype == np.float32
+    np.testing.assert_array_equal(const.get_data(),
+                                  base.astype(np.float16).astype(np.float32) + 2e-3 * 1)
+    assert not [op for op in merged.get_ops() if op.get_type_name() == "Convert"]

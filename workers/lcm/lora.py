@@ -6,6 +6,7 @@ or kohya's (`lora_unet_<module with "_" for ".">.lora_down.weight` / `.lora_up.w
 `.alpha`, as sd-scripts and the LCM-LoRA release write them; kohya names diffusers' modules, so
 `merge` finds the IR Constant whose module path, dots made underscores, is that name).
 Text-encoder LoRA (`lora_te*_`, `text_encoder.`) is refused: only the UNet is adapted.
+Weights may be f32 Constants or fp16-compressed ones (f16 Constant -> Convert).
 alpha comes from `<module>.alpha` tensors (kohya-style), else from the peft config diffusers
 stores in the `lora_adapter_metadata` JSON (`unet.lora_alpha`, `unet.alpha_pattern`,
 `unet.use_rslora`), else alpha = r (scale 1). The rank is the A tensor's first dimension.
@@ -145,15 +146,16 @@ def merge(model: Any, deltas: Mapping[str, np.ndarray], weight: float) -> Any:
     from openvino import opset13 as ops
 
     clone = model.clone()
-    constants = {op.get_friendly_name(): op for op in clone.get_ops()
-                 if op.get_type_name() == "Constant"}
+    constants = _weights(clone)
     for module, delta in deltas.items():
         node = _find_constant(constants, module)
-        base = node.get_data()
+        base = _weight_data(node)
         if base.shape != delta.shape:
             raise LoraError(f"LoRA for {module!r} has shape {delta.shape}, model has {base.shape}")
         if base.dtype != np.float32:
-            raise LoraError(f"LoRA merge needs f32 weights; {module!r} is {base.dtype}")
+            raise LoraError(f"LoRA merge needs f32 or f16 weights; {module!r} is {base.dtype}")
+        # an f16 weight (Constant f16 -> Convert) becomes an f32 Constant: merged, then rounded
+        # to f16 again, a small LoRA delta would be lost in the weight's rounding
         merged = ops.constant((base + np.float32(weight) * delta).astype(np.float32))
         merged.set_friendly_name(node.get_friendly_name())
         for target in list(node.output(0).get_target_inputs()):
@@ -161,6 +163,28 @@ def merge(model: Any, deltas: Mapping[str, np.ndarray], weight: float) -> Any:
     clone.validate_nodes_and_infer_types()
     assert isinstance(clone, ov.Model)
     return clone
+
+
+def _weights(model: Any) -> dict[str, Any]:
+    """Weight nodes by name: f32 Constants, and the Converts that decompress f16 Constants
+    (fp16 exports: `<name>_compressed` (f16) -> Convert named `<name>`, as the f32 one was)."""
+    out = {}
+    for op in model.get_ops():
+        kind = op.get_type_name()
+        if kind == "Constant":
+            out[op.get_friendly_name()] = op
+        elif kind == "Convert":
+            source = op.input_value(0).get_node()
+            if (source.get_type_name() == "Constant"
+                    and source.get_output_element_type(0).get_type_name() == "f16"):
+                out[op.get_friendly_name()] = op
+    return out
+
+
+def _weight_data(node: Any) -> np.ndarray:
+    if node.get_type_name() == "Convert":
+        return np.asarray(node.input_value(0).get_node().get_data(), dtype=np.float32)
+    return np.asarray(node.get_data())
 
 
 def _find_constant(constants: Mapping[str, Any], module: str) -> Any:
