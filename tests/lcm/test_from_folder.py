@@ -327,3 +327,36 @@ def test_fp16_openvino_export_serves_kohya_lora_close_to_diffusers(root, lcm_sou
 
 # measured: max 3 levels, mean 0.38; about twice that is allowed
 FP16_LEVELS, FP16_MEAN = 6, 1.0
+
+
+def test_edgectl_prepare_from_packs_and_edgectl_run_serves_kohya_lora(root, lcm_folder,
+                                                                       capsys):
+    """The operator path: `prepare lcm --from` (same source and options: the prepared folder
+    is reused) encrypts the bundle; `run lcm` decrypts it and picks the kohya LoRA by name."""
+    import struct
+
+    from edgectl.cli import main
+    from edgectl.localdaemon import write_config
+    from keys import Keyring
+
+    ring = root / "ring.json"
+    Keyring.generate().save(ring)
+    config = write_config(root / "edge.toml", node="t", mqtt_port=1,
+                          redis_url="redis://127.0.0.1:1/0", bundle_dir=root / "bundles",
+                          keyring_file=ring, tasks={"lcm": {"devices": ["CPU"]}})
+    loras = f"{root}/loras/style.safetensors,{root}/loras/style_kohya.safetensors"
+    assert main(["--config", str(config), "prepare", "lcm", "--from", str(root / "my-lcm-src"),
+                 "--name", "my-lcm", "--version", "2", "--cache", str(root / "cache"),
+                 "--option", f"loras={loras}"]) == 0
+    assert f"prepared {lcm_folder}" in capsys.readouterr().out
+    images = []
+    for extra in ([], ["--param", "lora=style_kohya"]):
+        assert main(["--config", str(config), "run", "lcm", "a red fox", "--param",
+                     "model=my-lcm", "--param", "seed=3", "--out", str(root / "out"),
+                     *extra]) == 0
+        answer = json.loads(capsys.readouterr().out)
+        (png,) = answer["result"]["files"]
+        data = Path(png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24]) == (64, 64)
+        images.append(data)
+    assert images[0] != images[1]  # the LoRA changed the image
