@@ -169,3 +169,14 @@ def test_lora_merges_into_fp16_compressed_weights():
     np.testing.assert_array_equal(const.get_data(),
                                   base.astype(np.float16).astype(np.float32) + 2e-3 * 1)
     assert not [op for op in merged.get_ops() if op.get_type_name() == "Convert"]
+
+
+@pytest.mark.parametrize("extra", ["lora_unet_mid_block_attentions_0_proj_in.dora_scale",
+                                   "lora_unet_mid_block_attentions_0_proj_in.hada_w1_a"])
+def test_lora_files_with_tensors_the_merge_cannot_apply_are_refused(extra):
+    a = np.ones((2, 3), np.float32)
+    tensors = {"lora_unet_conv_in.lora_down.weight": a,
+               "lora_unet_conv_in.lora_up.weight": a.T.copy(), extra: a}
+    parsed = lora.read_safetensors(_safetensors(tensors, dict.fromkeys(tensors, "F32")))
+    with pytest.raises(lora.LoraError, match="does not apply"):
+        lora.lora_deltas(parsed)

@@ -79,6 +79,11 @@ def _tensor(name: str, info: Mapping[str, Any], body: memoryview) -> np.ndarray:
 def lora_deltas(lora: SafeTensors, prefix: str = "unet.") -> dict[str, np.ndarray]:
     """`module path -> (alpha / r) * B @ A` in the module's weight layout, at scale 1."""
     config = _adapter_config(lora.metadata, prefix)
+    suffixes = tuple(suffix for pair in _PAIRS for suffix in pair) + (".alpha",)
+    unknown = sorted(k for k in lora.tensors if not k.endswith(suffixes))
+    if unknown:  # LyCORIS (LoHa/LoKr), DoRA scales, full diffs: refused, never half-applied
+        raise LoraError(f"LoRA tensor {unknown[0]!r} is of a kind this merge does not apply "
+                        "(only LoRA down/up pairs and alpha)")
     out = {}
     for key, down in lora.tensors.items():
         for a_suffix, b_suffix in _PAIRS:
