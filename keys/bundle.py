@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from keys import _format as fmt
+from keys import layout
 from keys._fs import fsync_dir, replace_dir
 from keys.errors import BundleError
 from keys.keyring import Keyring
@@ -183,16 +184,32 @@ def _open_file(bundle: Bundle, name: str) -> BinaryIO:
 
 def verify_bundle(path: Path, ring: Keyring) -> None:
     """Authenticate every chunk of every file of the bundle at `path`; BundleError if not."""
-    Bundle.open(path, ring).verify()
+    bundle = Bundle.open(path, ring)
+    check_manifest(bundle.manifest)
+    bundle.verify()
+
+
+ManifestCheck = Callable[[dict[str, Any]], None]
+_CHECKS: list[ManifestCheck] = []
+
+
+def add_manifest_check(check: ManifestCheck) -> None:
+    """Have packing and verifying also run `check(manifest)` (it raises BundleError naming the
+    key). keys/ knows nothing of tasks: the operator tool registers the tasks' schema here."""
+    if check not in _CHECKS:
+        _CHECKS.append(check)
+
+
+def check_manifest(manifest: dict[str, Any]) -> None:
+    """Run every registered manifest check (BundleError from the first that fails)."""
+    for check in _CHECKS:
+        check(manifest)
 
 
 def bundle_dirs(root: Path) -> list[Path]:
-    """Bundle folders directly under `root` (hidden temp folders of a pack are skipped)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file())
+    """Every bundle folder under `root`: each version of each model (`keys.layout`), flat
+    bundles packed before versions too; hidden temp folders of a pack are skipped."""
+    return layout.bundle_dirs(root)
 
 
 def open_all(root: Path, ring: Keyring) -> tuple[list[Bundle], list[tuple[Path, BundleError]]]:
@@ -213,7 +230,8 @@ Source = Callable[[], BinaryIO]  # opens a plaintext stream for one file
 
 def pack_bundle(src_dir: Path, dst_root: Path, ring: Keyring, name: str | None = None, *,
                 chunk_size: int = fmt.DEFAULT_CHUNK_SIZE) -> Path:
-    """Encrypt prepared folder `src_dir` into `dst_root/<task>--<name>`; return that path."""
+    """Encrypt prepared folder `src_dir` into `dst_root/<task>--<name>/<version>`; return
+    that path."""
     src_dir = Path(src_dir)
     where = src_dir / MANIFEST
     try:
@@ -245,14 +263,24 @@ def write_bundle(manifest: dict[str, Any], files: dict[str, Source], dst_root: P
         if key not in manifest:
             raise BundleError(f"{MANIFEST}: prepared manifest lacks {key!r}")
     task, name = str(manifest["task"]), str(manifest["name"])
+    version = str(manifest["version"])
     for part in (task, name):
         if not _COMPONENT.match(part):
             raise BundleError(f"{MANIFEST}: {part!r} is not a safe task/bundle name")
+    try:
+        layout.check_version(version)
+    except BundleError as exc:
+        raise BundleError(f"{MANIFEST}: version: {exc}") from None
     manifest = {**manifest, "settings": manifest.get("settings", {}), "format": FORMAT,
                 "files": sorted(files)}
-    final = dst_root / bundle_id(task, name)
+    check_manifest(manifest)
+    model_dir = dst_root / bundle_id(task, name)
     dst_root.mkdir(parents=True, exist_ok=True)
-    tmp = dst_root / f".{final.name}.tmp-{secrets.token_hex(4)}"
+    layout.unflatten(model_dir)  # a bundle packed before versions moves to <its version>/
+    model_dir.mkdir(exist_ok=True)
+    _pin_serving(model_dir, version)
+    final = model_dir / version
+    tmp = model_dir / f".{version}.tmp-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
         _write_files(tmp, manifest, files, ring, chunk_size)
@@ -260,10 +288,21 @@ def write_bundle(manifest: dict[str, Any], files: dict[str, Source], dst_root: P
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_dir(dst_root)
+    fsync_dir(model_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _pin_serving(model_dir: Path, version: str) -> None:
+    """Installing a new version must not make it serve: without a serving file the highest
+    version would, so the one serving now is written down first (`edgectl models activate`
+    switches)."""
+    if layout.read_serving(model_dir):
+        return
+    have = layout.version_dirs(model_dir)
+    if have and version not in have:
+        layout.write_serving(model_dir, [max(have, key=layout.version_key)])
 
 
 def _write_files(tmp: Path, manifest: dict[str, Any], files: dict[str, Source],

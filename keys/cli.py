@@ -257,10 +257,10 @@ def _bundle_ls(args: argparse.Namespace, resolved: Resolved) -> int:
     for b in opened:
         size = sum(b.file_path(n).stat().st_size for n in b.files)
         kids = set().union(*(file_key_ids(b.file_path(n)) for n in b.files)) if b.files else set()
-        print(f"{b.path.name}  version {b.version}  {len(b.files)} files  "
+        print(f"{b.id}  version {b.version}  {len(b.files)} files  "
               f"{size / 1e6:.1f} MB  keys {','.join(sorted(kids))}")
     for path, exc in failed:
-        print(f"{path.name}  UNAVAILABLE: {exc}")
+        print(f"{path.relative_to(resolved[2])}  UNAVAILABLE: {exc}")
     return 1 if failed else 0
 
 
