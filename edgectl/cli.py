@@ -7,6 +7,7 @@
     edgectl bundle pack|verify|ls|import-openssl ...        encrypted model bundles
     edgectl keys generate|rotate|retire|ls ...              key-encryption keys
     edgectl status                                          node status, devices, queues
+    edgectl models ls|activate N V|rollback N|remove N V    model versions, no downtime
     edgectl bench BUNDLE [--shape N[..]] [--niter N|--time S] benchmark_app for a bundle's IR
     edgectl install-units [--root DIR] [--bindir DIR]       copy the systemd units (starts nothing)
 """
@@ -76,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = sub.add_parser("status", help="node status: workers, models, queues, devices")
     p.set_defaults(func=cmd_status)
+
+    __import__("edgectl.models").models.add_parser(sub)  # edgectl models ls|activate|...
 
     p = sub.add_parser("bench", help="benchmark one IR of an encrypted bundle (benchmark_app)")
     __import__("edgectl.benchcmd").benchcmd.add_arguments(p)
