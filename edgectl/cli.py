@@ -89,8 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(func=lambda a: __import__("edgectl.units").units.main(a.root, a.bindir))
 
     from keys.cli import add_subcommands
+    from workers.schema import check as check_manifest
 
-    add_subcommands(sub, lambda: _resolve_keys(parser))
+    add_subcommands(sub, lambda: _resolve_keys(parser), check=check_manifest)
 
     args = parser.parse_args(argv)
     from edge import logs
@@ -278,12 +279,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         return 0
     import keys
     from keys import load_ring
+    from workers.schema import check as check_manifest
 
     config = load_config(args.config)
     ring = load_ring(config.keyring)
     config.bundle_dir.mkdir(parents=True, exist_ok=True)
     for folder in folders:
-        path = keys.pack_bundle(folder, config.bundle_dir, ring)
+        path = keys.pack_bundle(folder, config.bundle_dir, ring, check=check_manifest)
         print(f"packed {path}")
     return 0
 

@@ -182,28 +182,18 @@ def _open_file(bundle: Bundle, name: str) -> BinaryIO:
         raise BundleError(f"{where}: cannot open ({exc.strerror})") from None
 
 
-def verify_bundle(path: Path, ring: Keyring) -> None:
-    """Authenticate every chunk of every file of the bundle at `path`; BundleError if not."""
-    bundle = Bundle.open(path, ring)
-    check_manifest(bundle.manifest)
-    bundle.verify()
-
-
+# A check of a manifest's task settings: raises BundleError naming the bad key. keys/ knows
+# nothing of tasks: the operator tool passes the tasks' schema (workers/schema.py).
 ManifestCheck = Callable[[dict[str, Any]], None]
-_CHECKS: list[ManifestCheck] = []
 
 
-def add_manifest_check(check: ManifestCheck) -> None:
-    """Have packing and verifying also run `check(manifest)` (it raises BundleError naming the
-    key). keys/ knows nothing of tasks: the operator tool registers the tasks' schema here."""
-    if check not in _CHECKS:
-        _CHECKS.append(check)
-
-
-def check_manifest(manifest: dict[str, Any]) -> None:
-    """Run every registered manifest check (BundleError from the first that fails)."""
-    for check in _CHECKS:
-        check(manifest)
+def verify_bundle(path: Path, ring: Keyring, check: ManifestCheck | None = None) -> None:
+    """Authenticate every chunk of every file of the bundle at `path` (and run `check` on its
+    manifest); BundleError if not."""
+    bundle = Bundle.open(path, ring)
+    if check is not None:
+        check(bundle.manifest)
+    bundle.verify()
 
 
 def bundle_dirs(root: Path) -> list[Path]:
@@ -229,7 +219,8 @@ Source = Callable[[], BinaryIO]  # opens a plaintext stream for one file
 
 
 def pack_bundle(src_dir: Path, dst_root: Path, ring: Keyring, name: str | None = None, *,
-                chunk_size: int = fmt.DEFAULT_CHUNK_SIZE) -> Path:
+                chunk_size: int = fmt.DEFAULT_CHUNK_SIZE,
+                check: ManifestCheck | None = None) -> Path:
     """Encrypt prepared folder `src_dir` into `dst_root/<task>--<name>/<version>`; return
     that path."""
     src_dir = Path(src_dir)
@@ -243,7 +234,8 @@ def pack_bundle(src_dir: Path, dst_root: Path, ring: Keyring, name: str | None =
     if name is not None:
         manifest["name"] = name
     files = {rel: _opener(src_dir / rel) for rel in _plain_files(src_dir)}
-    return write_bundle(manifest, files, Path(dst_root), ring, chunk_size=chunk_size)
+    return write_bundle(manifest, files, Path(dst_root), ring, chunk_size=chunk_size,
+                        check=check)
 
 
 def _plain_files(src_dir: Path) -> list[str]:
@@ -257,8 +249,10 @@ def _opener(path: Path) -> Source:
 
 
 def write_bundle(manifest: dict[str, Any], files: dict[str, Source], dst_root: Path,
-                 ring: Keyring, *, chunk_size: int = fmt.DEFAULT_CHUNK_SIZE) -> Path:
-    """Write a bundle from plaintext streams: into a hidden temp folder, then swapped in."""
+                 ring: Keyring, *, chunk_size: int = fmt.DEFAULT_CHUNK_SIZE,
+                 check: ManifestCheck | None = None) -> Path:
+    """Write a bundle from plaintext streams: into a hidden temp folder, then swapped in
+    (`check` refuses a manifest first)."""
     for key in ("name", "task", "version"):
         if key not in manifest:
             raise BundleError(f"{MANIFEST}: prepared manifest lacks {key!r}")
@@ -273,7 +267,8 @@ def write_bundle(manifest: dict[str, Any], files: dict[str, Source], dst_root: P
         raise BundleError(f"{MANIFEST}: version: {exc}") from None
     manifest = {**manifest, "settings": manifest.get("settings", {}), "format": FORMAT,
                 "files": sorted(files)}
-    check_manifest(manifest)
+    if check is not None:
+        check(manifest)
     model_dir = dst_root / bundle_id(task, name)
     dst_root.mkdir(parents=True, exist_ok=True)
     layout.unflatten(model_dir)  # a bundle packed before versions moves to <its version>/

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from keys.bundle import SUFFIX, bundle_dirs, open_all, pack_bundle, verify_bundle
+from keys.bundle import SUFFIX, ManifestCheck, bundle_dirs, open_all, pack_bundle, verify_bundle
 from keys.errors import BundleError, KeyringError
 from keys.keyring import Keyring
 from keys.legacy import import_openssl
@@ -27,9 +27,11 @@ Resolved = tuple[Path | None, Callable[[], Keyring], Path, Path | None]
 Resolve = Callable[..., Resolved]
 
 
-def add_subcommands(subparsers: argparse._SubParsersAction, resolve: Resolve) -> None:
+def add_subcommands(subparsers: argparse._SubParsersAction, resolve: Resolve,
+                    check: ManifestCheck | None = None) -> None:
     """Register `keys generate|rotate|rewrap|retire|ls|identity|signer generate|seal|unseal`
-    and `bundle pack|verify|ls|import-openssl`."""
+    and `bundle pack|verify|ls|import-openssl`; `bundle pack|verify` run `check` on each
+    manifest (the tasks' schema, which keys/ does not know)."""
     keys = subparsers.add_parser("keys", help="keyring: generate, rotate, retire, list")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
     p = ksub.add_parser("generate", help="write a new keyring (refuses to overwrite)")
@@ -74,9 +76,11 @@ def add_subcommands(subparsers: argparse._SubParsersAction, resolve: Resolve) ->
     p.add_argument("dir", type=Path)
     p.add_argument("--name")
     p.add_argument("--out", type=Path, help="bundle root (default: the configured one)")
+    p.set_defaults(manifest_check=check)
     _bind(p, resolve, _pack)
     p = bsub.add_parser("verify", help="authenticate every chunk (default: every bundle)")
     p.add_argument("dirs", type=Path, nargs="*")
+    p.set_defaults(manifest_check=check)
     _bind(p, resolve, _verify)
     _bind(bsub.add_parser("ls", help="bundles, versions, sizes, key ids"), resolve, _bundle_ls)
     p = bsub.add_parser("import-openssl", help="import `openssl enc -aes-128-cbc` files")
@@ -235,7 +239,8 @@ def _keys_ls(args: argparse.Namespace, resolved: Resolved) -> int:
 
 
 def _pack(args: argparse.Namespace, resolved: Resolved) -> int:
-    path = pack_bundle(args.dir, args.out or resolved[2], resolved[1](), name=args.name)
+    path = pack_bundle(args.dir, args.out or resolved[2], resolved[1](), name=args.name,
+                       check=args.manifest_check)
     print(f"packed {path}")
     return 0
 
@@ -244,7 +249,7 @@ def _verify(args: argparse.Namespace, resolved: Resolved) -> int:
     ring, failed = resolved[1](), 0
     for path in args.dirs or bundle_dirs(resolved[2]):
         try:
-            verify_bundle(path, ring)
+            verify_bundle(path, ring, check=args.manifest_check)
             print(f"ok {path}")
         except BundleError as exc:
             print(f"FAILED {exc}", file=sys.stderr)
