@@ -33,7 +33,7 @@ from edge.config import Config
 from edge.tasks import bundle_task
 from workers import perform
 from workers.extensions import prune_kernel_files
-from workers.model_store import ModelSet, build_models
+from workers.model_store import ModelSet, build_models, new_core
 
 log = structlog.get_logger("workers.lifecycle")
 
@@ -53,9 +53,13 @@ class ModelControl:
         self._pins: dict[tuple[str, str, str], float] = {}  # prepared version -> since
         self._stop = threading.Event()
         self._snapshot = self._on_disk()
+        self._core: Any = None  # one Core for every rebuild (see start)
         self._thread = threading.Thread(target=self._run, name="models", daemon=True)
 
     def start(self) -> ModelControl:
+        # the Core every rebuild uses, its plugins queried now, before the first job
+        self._core = new_core()
+        _ = self._core.available_devices
         self._thread.start()
         return self
 
@@ -123,7 +127,8 @@ class ModelControl:
             snapshot = self._on_disk()
             try:
                 ring = load_ring(self.config.keyring)
-                models = build_models(self.config, self.device, ring,
+                self._core = self._core or new_core()
+                models = build_models(self.config, self.device, ring, core=self._core,
                                       reuse=self.runtime.models, pins=set(self._pins))
             except (keys.KeyringError, SystemExit) as exc:
                 log.error("models_rebuild_failed", why=why, error=str(exc))

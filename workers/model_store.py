@@ -270,6 +270,14 @@ def device_present(core, device: str) -> bool:
     return device in available or (device in ("GPU", "NPU") and f"{device}.0" in available)
 
 
+def new_core() -> Any:
+    """An OpenVINO Core with openvino-tokenizers' ops registered."""
+    import openvino as ov
+    import openvino_tokenizers  # noqa: F401 - registers its ops with every Core made after it
+
+    return ov.Core()
+
+
 def default_models(config: Config, tasks: Sequence[str]) -> dict[str, str]:
     """Job task -> `[tasks.X] default_model` (detokenize falls back to tokenize's)."""
     out = {}
@@ -283,12 +291,11 @@ def default_models(config: Config, tasks: Sequence[str]) -> dict[str, str]:
 
 
 def build_models(config: Config, device: str, ring: Any, *, reuse: ModelSet | None = None,
-                 pins: Collection[tuple[str, str, str]] = ()) -> ModelSet:
-    """Compile everything this device serves (keeping what `reuse` already compiled)."""
-    import openvino as ov
-    import openvino_tokenizers  # noqa: F401 - registers its ops with every Core made after it
-
-    core = ov.Core()
+                 pins: Collection[tuple[str, str, str]] = (), core: Any = None) -> ModelSet:
+    """Compile everything this device serves (keeping what `reuse` already compiled), with a
+    new Core unless one is given (a new one queries every plugin for its devices: seconds,
+    some of them with the GIL held, which an activation must not cost the running jobs)."""
+    core = core if core is not None else new_core()
     if not device_present(core, device):
         raise SystemExit(f"edge-worker: OpenVINO device {device!r} is not present on this "
                          f"host (available: {', '.join(core.available_devices)})")

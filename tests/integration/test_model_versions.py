@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 import keys
+from edge import alive
+from edge.status import serving_versions
 from edgectl.localdaemon import ROOT, Daemon
 from keys import layout
 from tests.conftest import PREPARED
@@ -70,20 +72,21 @@ def _edgectl(daemon: Daemon, *args: str) -> subprocess.CompletedProcess:
 
 
 class Flow:
-    """Sends one tokenize job every `period` s from a thread; remembers when each was sent."""
+    """Sends one tokenize job every `period` s from a thread; remembers when each publish
+    began and when the broker had it (PUBACK): the job reached the gateway in between."""
 
     def __init__(self, dev, period: float = 0.05) -> None:
         self.dev, self.period = dev, period
-        self.sent: list[tuple[str, float]] = []
+        self.sent: list[tuple[str, float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         n = 0
         while not self._stop.is_set():
-            rid = f"flow-{n}"
+            rid, began = f"flow-{n}", time.perf_counter()
             self.dev.publish_envelope("tokenize", {"id": rid, "text": f"steady job {n}"})
-            self.sent.append((rid, time.monotonic()))
+            self.sent.append((rid, began, time.perf_counter()))
             n += 1
             self._stop.wait(self.period)
 
@@ -108,18 +111,18 @@ def test_activate_and_rollback_under_steady_load_answer_every_job_once(daemon):
             time.sleep(1.0)
             for step, args in (("activate", ("activate", NAME, "2")),
                                ("rollback", ("rollback", NAME))):
-                start = time.monotonic()
+                start = time.perf_counter()
                 done = _edgectl(daemon, *args)
-                marks[step] = (start, time.monotonic())
+                marks[step] = (start, time.perf_counter())
                 assert done.returncode == 0, done.stdout + done.stderr
                 time.sleep(1.5)
-            start = time.monotonic()
+            start = time.perf_counter()
             broken = _edgectl(daemon, "activate", NAME, "3")
-            marks["broken"] = (start, time.monotonic())
+            marks["broken"] = (start, time.perf_counter())
             time.sleep(1.0)
-        answers = {rid: dev.wait(rid, timeout=60) for rid, _ in flow.sent}
+        answers = {rid: dev.wait(rid, timeout=60) for rid, _, _ in flow.sent}
         time.sleep(1.0)  # a second answer to any job would have arrived by now
-        extra = {rid: dev.answers_so_far(rid) for rid, _ in flow.sent}
+        extra = {rid: dev.answers_so_far(rid) for rid, _, _ in flow.sent}
         pinned = dev.request("tokenize", text="pinned", params={"model": f"{NAME}@2"})
         failed = dev.request("tokenize", text="never", params={"model": f"{NAME}@3"})
 
@@ -129,14 +132,15 @@ def test_activate_and_rollback_under_steady_load_answer_every_job_once(daemon):
     assert all(not more for more in extra.values()), "a job was answered twice"
     assert all(a.ok for a in answers.values()), [a.body for a in answers.values() if not a.ok]
     by_time = []
-    for rid, at in flow.sent:
+    for rid, began, _ in flow.sent:
         result = answers[rid].body["result"]
         assert result["model"] == NAME and result["version"] in ("1", "2"), result
-        by_time.append((at, result["version"]))
+        by_time.append((began, answers[rid].received, result["version"]))
     act, back = marks["activate"], marks["rollback"]
-    assert {v for at, v in by_time if at < act[0]} == {"1"}
-    assert {v for at, v in by_time if act[1] < at < back[0]} == {"2"}
-    assert {v for at, v in by_time if at > back[1]} == {"1"}  # the broken 3 never served
+    # answered before a switch began: ran before it; sent after it returned: ran after it
+    assert {v for _, answered, v in by_time if answered < act[0]} == {"1"}
+    assert {v for began, answered, v in by_time if act[1] < began and answered < back[0]} == {"2"}
+    assert {v for began, _, v in by_time if began > back[1]} == {"1"}  # 3 never served
     assert len(flow.sent) > 100
     # the version that served before stays loaded: name@version reaches it without a compile
     assert pinned.ok and pinned.body["result"]["version"] == "2"
@@ -154,3 +158,14 @@ def test_models_ls_and_remove_refuses_the_serving_version(daemon):
     assert not (daemon.workdir / "bundles" / f"tokenize--{NAME}" / "3").exists()
     with daemon.device("dev-ls") as dev:
         assert dev.request("tokenize", text="still", timeout=30).body["result"]["version"] == "1"
+    assert _edgectl(daemon, "activate", NAME, "2").returncode == 0
+    # the status every worker publishes (edgectl status, the status topic) names the version
+    deadline = time.perf_counter() + 20
+    while time.perf_counter() < deadline:
+        docs = alive.worker_docs(daemon.conn)
+        if serving_versions(docs) == {f"tokenize--{NAME}": ["2"]}:
+            break
+        time.sleep(0.5)
+    (doc,) = docs.values()
+    assert doc["versions"]["tokenize"][NAME] == {"serving": "2", "loaded": ["1", "2"]}
+    assert serving_versions(docs) == {f"tokenize--{NAME}": ["2"]}

@@ -74,3 +74,16 @@ def test_default_model_comes_from_the_config_and_detokenize_shares_tokenize_s():
                               "detokenize": {}, "asr": {"default_model": "whisper-base"}}})
     assert default_models(config, ("tokenize", "detokenize", "asr", "lcm")) == {
         "tokenize": "clip-vit-b32", "detokenize": "clip-vit-b32", "asr": "whisper-base"}
+
+
+def test_job_metrics_carry_the_model_and_its_version():
+    from edge import metrics
+
+    labels = {"task": "tokenize", "device": "CPU", "status": "ok", "model": "b", "version": "2"}
+    before = metrics.REGISTRY.get_sample_value("edge_jobs_total", labels) or 0
+    metrics.observe_answer("tokenize", "CPU", {"status": "ok", "result": {"model": "b",
+                                                                          "version": "2"},
+                                               "timings": {"run_ms": 1.0}})
+    assert metrics.REGISTRY.get_sample_value("edge_jobs_total", labels) == before + 1
+    del labels["status"]
+    assert metrics.REGISTRY.get_sample_value("edge_job_run_seconds_count", labels) >= 1
