@@ -26,7 +26,7 @@ from keys.errors import BundleError
 
 MANIFEST = "bundle.json"
 SERVING = "serving"
-_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # "+": semver build metadata
 
 
 def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
@@ -36,8 +36,8 @@ def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
 
 def check_version(version: str) -> str:
     """`version` when it is a safe folder name, else BundleError."""
-    if not _COMPONENT.match(version) or version == SERVING:
-        raise BundleError(f"{version!r} is not a valid model version (letters, digits, . _ -)")
+    if not _VERSION.match(version) or version == SERVING:
+        raise BundleError(f"{version!r} is not a valid model version (letters, digits, . _ + -)")
     return version
 
 
