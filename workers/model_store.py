@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -234,14 +235,15 @@ def _load_version(path: Path, ring: Any, core: Any, device: DeviceSettings,
     import keys
 
     where = f"{path.parent.name}/{path.name}"
+    known = old.get(_identity(path))
+    if known is not None:  # compiled already: not even reopened (a switch costs jobs nothing)
+        return known
     try:
         bundle = keys.Bundle.open(path, ring)
     except keys.BundleError as exc:
         log.error("bundle_unreadable", bundle=str(path), error=str(exc))
         return str(exc)
     identity = (str(path), hashlib.sha256(keys.bundle.canonical(bundle.manifest)).hexdigest())
-    if identity in old:
-        return old[identity]
     if bundle.task != task:
         return f"{where}: bundle.json says task {bundle.task!r}, its folder {task!r}"
     start = time.perf_counter()
@@ -262,6 +264,18 @@ def _load_version(path: Path, ring: Any, core: Any, device: DeviceSettings,
              device=device.name, seconds=round(seconds, 3))
     return Version(task, bundle.name, bundle.version, handler, identity, bundle.manifest,
                    seconds, frozenset(set(extensions.kernel_files) - before))
+
+
+def _identity(path: Path) -> tuple[str, str]:
+    """(folder, manifest digest) read from bundle.json alone; every file header binds that
+    digest, so files of another manifest would not open."""
+    import keys
+
+    try:
+        manifest = json.loads((path / keys.bundle.MANIFEST).read_text("utf-8"))
+    except (OSError, ValueError):
+        return (str(path), "")
+    return (str(path), hashlib.sha256(keys.bundle.canonical(manifest)).hexdigest())
 
 
 def device_present(core, device: str) -> bool:
