@@ -175,9 +175,10 @@ def _check_bundle(config: Config, path: Any) -> str | None:
     """Why the version cannot serve, found before any worker is asked (None: no reason)."""
     import keys
     from keys import load_ring
+    from workers.schema import check
 
     try:
-        keys.verify_bundle(path, load_ring(config.keyring))
+        keys.verify_bundle(path, load_ring(config.keyring), check=check)
     except (keys.BundleError, keys.KeyringError) as exc:
         return str(exc)
     return None
@@ -198,12 +199,19 @@ def live_workers(conn: Any, config: Config, task: str) -> list[str]:
 def switch(config: Config, model: Any, version: str, history: list[str],
            timeout: float) -> int:
     """Two-phase switch of `model` to `version` (module docstring); the exit code."""
+    import redis
+
     from edge.redisconn import connect
     from keys import layout
 
     label = f"{model.task}--{model.name} {version}"
     conn = connect(config.redis)
-    workers = live_workers(conn, config, model.task)
+    try:
+        workers = live_workers(conn, config, model.task)
+    except redis.RedisError as exc:
+        print(f"edgectl: Redis unreachable ({exc}): cannot ask the workers; nothing changed",
+              file=sys.stderr)
+        return 2
     if not workers:
         layout.unflatten(model.path)
         layout.write_serving(model.path, history)
