@@ -68,14 +68,13 @@ class ModelControl:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        last = self._last_id()
+        last: Any = None  # read in the loop: Redis may be away when the worker starts
         next_poll = time.monotonic() + POLL
         while not self._stop.is_set():
             try:
                 if last is None:
                     last = self._last_id()
-                got: Any = self.conn.xread({C.MODELS_STREAM: last or "0-0"}, count=10,
-                                           block=1000)
+                got: Any = self.conn.xread({C.MODELS_STREAM: last}, count=10, block=1000)
                 for _, entries in got or []:
                     for entry_id, fields in entries:
                         last = entry_id
