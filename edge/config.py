@@ -68,6 +68,8 @@ class TaskConfig:
     # jobs of this task one device may have queued or running at once (its quota); None:
     # the default, min(queue_limit, C.DEFAULT_DEVICE_LIMIT)
     device_limit: int | None = None
+    # the model a request without `model` gets; None: the first one installed for the task
+    default_model: str | None = None
 
     @property
     def per_device(self) -> int:
@@ -275,6 +277,7 @@ def _tasks(r: _Reader) -> dict[str, TaskConfig]:
             timeout=t.int("timeout", 60, low=1),
             deadline=t.int("deadline", 300, low=1),
             device_limit=t.opt_int("device_limit", low=1),
+            default_model=t.opt_str("default_model"),
         )
         t.done()
     return out

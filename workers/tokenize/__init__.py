@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from edge.errors import BadRequest, ModelUnavailable
-from edge.tasks import TASKS
 from workers.api import BundleLike, DeviceSettings, Progress, Request, Response
 from workers.tokenize.pipeline import TokenizerPipeline
 
@@ -36,7 +35,9 @@ class TokenizeHandler:
         raise BadRequest(f"task {request.task!r} is not served by the tokenizer")
 
     def _pipeline(self, request: Request) -> TokenizerPipeline:
-        name = request.params.get("model") or TASKS[request.task].params["model"].default
+        # the worker names the model (workers.model_store resolves the default); alone, the
+        # handler falls back to its first tokenizer
+        name = request.params.get("model") or next(iter(self.pipelines), None)
         if name not in self.pipelines:
             if not self.pipelines:
                 raise ModelUnavailable("no tokenizer is loaded on this worker")
