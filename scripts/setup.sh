@@ -23,6 +23,7 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v promtool >/dev/null || need+=(prometheus)  # promtool: tests/tooling checks ops/prometheus
 [ -f /usr/include/mosquitto.h ] || need+=(libmosquitto-dev)  # examples/c/device.c
 command -v gcc >/dev/null || need+=(gcc)
+command -v tmux >/dev/null || need+=(tmux)  # tests/tooling drives edgectl top in tmux
 # tests/gateway boots a real systemd in a Debian container it makes (skipped, with the reason,
 # where namespaces are not allowed)
 command -v debootstrap >/dev/null || need+=(debootstrap)

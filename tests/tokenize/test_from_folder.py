@@ -174,7 +174,7 @@ def test_edgectl_prepare_from_packs_a_bundle_that_edgectl_run_serves(tmp_path, c
     answer = json.loads(capsys.readouterr().out)
     expected = reference(src / "tokenizer.json", 128).encode("Hello, gateway!").ids
     assert answer["status"] == "ok", answer
-    assert answer["result"] == {"model": "own-bert", "ids": expected}
+    assert answer["result"] == {"model": "own-bert", "version": "4", "ids": expected}
     packed = [p for p in (tmp_path / "bundles").rglob("*") if p.is_file()]
     assert any(p.name.startswith("tokenizer_special") for p in packed)
     assert not any(b"<?xml" in p.read_bytes()[:64] for p in packed)  # encrypted, not plaintext

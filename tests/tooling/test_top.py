@@ -143,9 +143,9 @@ def test_top_shows_the_live_gateway_and_quits_on_q(gateway):
             for i in range(3):
                 assert dev.request("tokenize", text="hi", request_id=f"t-{i}").ok
             assert not dev.request("tokenize", text="x", request_id="t-bad",
-                                   params={"model": "nope"}).ok
+                                   params={"model": "nope"}).ok  # a model no worker has
             assert not dev.request("nosuchtask", text="x", request_id="t-unknown").ok
-        text = tmux.wait_for("bad_request        +1 (worker)", "unknown_task       +1 (agent)")
+        text = tmux.wait_for("model_unavailable  +1 (worker)", "unknown_task       +1 (agent)")
         row = next(line for line in text.splitlines() if line.startswith("tokenize "))
         assert row.split()[2:4] == ["3", "1"]  # ok, errors
         tmux.keys("q")
