@@ -166,3 +166,24 @@ def drain(conn: redis.Redis, queue: str) -> list[str]:
 def is_waiting(conn: redis.Redis, queue: str, device_id: str, job_id: str) -> bool:
     """Whether `job_id` waits in `device_id`'s fair list of `queue`."""
     return conn.lpos(C.FAIR_PREFIX.format(queue=queue) + device_id, job_id) is not None
+
+
+def take(conn: redis.Redis, queue: str, n: int, head_device: str = "",
+         pipeline: redis.client.Pipeline | None = None) -> list[str]:
+    """Take up to `n` job ids waiting in `queue` for a batch, fairly (`scripts.TAKE`): what is
+    on RQ's list first, then one job per device in ring order (`head_device`, the device of the
+    job the batch is for, passing its first turn), then top RQ's list up (as `Feeder.feed`).
+    The caller must start them. With a pipeline, queued on it (sent as EVAL): the ids come
+    from its `execute()`, see `taken`."""
+    keys = [rq_queue_key(queue), C.RING_KEY.format(queue=queue),
+            C.WAITING_KEY.format(queue=queue)]
+    args: list[str | int] = [C.FAIR_PREFIX.format(queue=queue), n, C.FEED_DEPTH, head_device]
+    if pipeline is not None:
+        pipeline.eval(scripts.TAKE, len(keys), *keys, *args)
+        return []
+    return taken(conn.register_script(scripts.TAKE)(keys=keys, args=args))
+
+
+def taken(reply) -> list[str]:
+    """The job ids of a `take` reply."""
+    return [i.decode() if isinstance(i, bytes) else str(i) for i in reply]

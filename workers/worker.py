@@ -25,9 +25,10 @@ from rq.worker import WorkerStatus
 from edge import alive, metrics, sdnotify
 from edge import constants as C
 from edge.config import Config
-from edge.queueing import Feeder, queue_name
+from edge.queueing import Feeder, queue_name, take, taken
 from keys import load_ring
 from workers import perform
+from workers.batching import Batcher, BatchLimit, limits_of
 from workers.extensions import prune_kernel_files
 from workers.model_store import build_models
 
@@ -39,7 +40,8 @@ HEARTBEAT_DEBOUNCE = 1.0  # s: RQ heartbeats closer together than this are not s
 class EdgeWorker(SimpleWorker):
     """A SimpleWorker that tells the agent, every few seconds, which queues it serves."""
 
-    def __init__(self, queues, *, runtime: perform.Runtime, **kwargs) -> None:
+    def __init__(self, queues, *, runtime: perform.Runtime,
+                 batching: dict[str, BatchLimit] | None = None, **kwargs) -> None:
         super().__init__(queues, serializer=JSONSerializer, worker_ttl=35, **kwargs)
         self.runtime = runtime
         self._beating = threading.Event()
@@ -47,6 +49,7 @@ class EdgeWorker(SimpleWorker):
         self._last_beat = 0.0
         self._job_in_hand = False  # dequeued, not yet started (its start transaction beats)
         self._feeder = Feeder(self.connection)
+        self._batcher = Batcher(self, batching or {})  # off unless limits are given
         self._priority = list(self.queues)  # the order the config gives (TASK_ORDER)
         self._last, self._streak = None, 0  # the queue of the last job; jobs in a row from it
         # Watchdog: the loop beats at least every dequeue_timeout; allow Redis back-off too.
@@ -114,11 +117,18 @@ class EdgeWorker(SimpleWorker):
         if remove_from_intermediate_queue:
             queue = self.queue_class(job.origin, connection=self.connection)
             pipe.lrem(queue.intermediate_queue_key, 1, job.id)
-        # the next waiting job (fairly chosen among devices) takes this one's place on RQ's list
-        self._feeder.feed(job.origin, pipeline=pipe)
+        room = self._batcher.room(job.origin)  # jobs to run with this one (workers.batching)
+        if room:  # taken fairly among devices; the take feeds RQ's list after
+            take(self.connection, job.origin, room, self._batcher.device_of(job), pipeline=pipe)
+        else:
+            # the next waiting job (fairly chosen among devices) takes this one's place on RQ's list
+            self._feeder.feed(job.origin, pipeline=pipe)
         blob_key = C.BLOB_KEY.format(job_key=job.id)
         pipe.hgetall(blob_key)
-        self.runtime.prefetched = {blob_key: pipe.execute()[-1]}
+        replies = pipe.execute()
+        self.runtime.prefetched = {blob_key: replies[-1]}
+        if room:
+            self._batcher.start(job, taken(replies[-2]))
         self._last_beat = time.monotonic()
         self.procline(f"Processing {job.func_name} from {job.origin} since {time.time()}")
 
@@ -127,6 +137,10 @@ class EdgeWorker(SimpleWorker):
         try:
             return super().execute_job(job, queue)
         finally:
+            try:
+                self._batcher.finish()  # the jobs that ran with this one, in RQ's registries
+            except redis.RedisError as exc:  # answered: the reaper leaves them alone
+                log.warning("batch_finish_failed", error=str(exc))
             self.progress.end()
 
     def request_stop(self, signum, frame):
@@ -263,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics.observe_models(args.device, dict(models.load_seconds), served)
     metrics.serve(config.worker_metrics_port(args.device))
     worker = EdgeWorker([queue_name(t, args.device) for t in served], runtime=runtime,
-                        connection=conn, name=name.replace(".", "_"))
+                        batching=limits_of(config.tasks), connection=conn,
+                        name=name.replace(".", "_"))
     log.info("worker_ready", worker=name, queues=[q.name for q in worker.queues])
     reloader = Reloader(config, args.device, runtime)
     signal.signal(signal.SIGHUP, reloader.request)

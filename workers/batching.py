@@ -1,0 +1,326 @@
+"""Dynamic batching: a worker runs the jobs already waiting for one task as one inference.
+
+When the worker starts a job (the *head*) of a task whose handler has a batch entry point
+(`handler.batch(requests) -> list[Response | EdgeError]`), it also takes up to
+`tasks.X.max_batch - 1` more jobs waiting in the same queue (`edge.queueing.take`: what is on
+RQ's list, then one job per device in ring order, so one device's backlog cannot fill a batch),
+waiting at most `tasks.X.batch_wait_ms` for more (default 0: never idles). Then:
+
+* **start**: every taken job is moved to RQ's StartedJobRegistry under this worker, with its
+  execution record, heartbeat and payload read, in one transaction (RQ's own calls, as
+  `SimpleWorker.execute_job` makes them for one job). From here the reaper sees which jobs this
+  worker holds: if it dies, each is answered `internal` once, none is run again.
+* **run** (inside the head's RQ job, so under RQ's time limit): each job is checked on its own
+  (deadline, model, payload), the good ones of each model (`params["model"]` exactly as given)
+  go through one `handler.batch` call, and each job gets its own answer: its own timings, its
+  own error (one bad input fails only its job); a batch that runs past the time limit answers
+  every job in it `timeout`. All answers go to the outbox through `Outbox.answer_once`, the
+  exactly-once step a single job uses, in one round trip.
+* **finish**: after the head's own RQ bookkeeping, the other jobs are moved to RQ's finished
+  registry (or, if their answers could not be stored, to its failed registry, where the reaper
+  answers them), in one transaction.
+
+A job taken but not started yet (the worker died between the two steps, a few ms) is in no
+list: the reaper's lost-job scan puts it back on its queue.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import structlog
+from rq.executions import Execution
+from rq.job import Job as RQJob
+from rq.job import JobStatus
+from rq.serializers import JSONSerializer
+from rq.timeouts import JobTimeoutException
+from rq.utils import now
+
+from edge import constants as C
+from edge import metrics, queueing
+from edge.errors import EdgeError, Internal, ModelUnavailable, Timeout
+from edge.jobs import Answer, Job, Payload, result_body
+from edge.outbox import Outbox
+from workers import perform
+from workers.api import Request, Response
+
+log = structlog.get_logger("workers.batching")
+
+BatchResult = Sequence["Response | EdgeError"]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimit:
+    """How a task batches: at most `max_batch` jobs per inference, waiting at most `wait_ms`."""
+
+    max_batch: int = C.DEFAULT_MAX_BATCH
+    wait_ms: int = 0
+
+
+def limits_of(tasks: Mapping[str, Any]) -> dict[str, BatchLimit]:
+    """The batch limits of every task of a config (`Config.tasks`)."""
+    return {name: BatchLimit(t.max_batch, t.batch_wait_ms) for name, t in tasks.items()}
+
+
+@dataclass(slots=True)
+class _Member:
+    rq: RQJob
+    job: Job | None  # None: its JSON could not be read (the finish fails it in RQ)
+    execution: Execution
+    answered: bool = False
+
+
+@dataclass(slots=True)
+class Batch:
+    """The jobs a worker took with one head job; the head's RQ run runs them all (`run`)."""
+
+    head: str  # RQ id of the head job
+    members: list[_Member] = field(default_factory=list)
+
+    def run(self, head: Job, conn: redis.Redis, rt: perform.Runtime, outbox: Outbox) -> None:
+        """Answer the head and every member: one inference per model, one outbox round trip.
+        Raises only when the answers cannot be stored (Redis away past the patience)."""
+        jobs = [head] + [m.job for m in self.members if m.job is not None]
+        keys = [RQJob.key_for(self.head)] + [m.rq.key for m in self.members if m.job is not None]
+        for job in jobs:  # before anything can fail or hang, as perform.run does
+            with _bound(job, rt):
+                log.info("job_started", batch=len(jobs))
+        answers = perform_batch(jobs, rt.models, lambda j: rt.take_payload(conn, j.blob_key))
+        deliver_all(outbox, keys, answers, rt.worker, [j.blob_key for j in jobs])
+        for m in self.members:
+            m.answered = m.job is not None
+        for job, answer in zip(jobs, answers, strict=True):
+            metrics.observe_answer(job.task, rt.device, answer.body)
+            if answer.body.get("status") == "ok":
+                with _bound(job, rt):
+                    log.info("job_done", run_ms=round(answer.body["timings"]["run_ms"], 2),
+                             batch=len(jobs))
+
+
+def _bound(job: Job, rt: perform.Runtime):
+    return structlog.contextvars.bound_contextvars(
+        job_id=job.route.request_id, device_id=job.route.device_id, task=job.task,
+        worker=rt.worker)
+
+
+class Batcher:
+    """The worker's side of batching: take and start the extra jobs, finish them in RQ.
+
+    `worker` is the RQ worker (an `EdgeWorker`); `limits` the batch limits by task.
+    """
+
+    def __init__(self, worker: Any, limits: Mapping[str, BatchLimit]) -> None:
+        self.worker, self.limits = worker, limits
+        self.batch: Batch | None = None
+
+    def room(self, queue: str) -> int:
+        """How many more jobs to take with a job of `queue` (0: this task does not batch)."""
+        task = queue.split(".")[1]
+        limit = self.limits.get(task)
+        handler = self.worker.runtime.models.handlers.get(task)
+        if limit is None or limit.max_batch <= 1 or not hasattr(handler, "batch"):
+            return 0
+        return limit.max_batch - 1
+
+    @staticmethod
+    def device_of(job: RQJob) -> str:
+        """The device id of an RQ job of ours ("" when its arguments cannot be read)."""
+        ours = _job_of(job)
+        return ours.route.device_id if ours is not None else ""
+
+    def start(self, head: RQJob, taken: Sequence[str]) -> None:
+        """Start the jobs taken with `head` (ids, from `queueing.take`), waiting up to the
+        task's `batch_wait_ms` for more when the batch is not full; hand them to the head's
+        run (`perform.Runtime.batch`)."""
+        self.batch = None
+        room = self.room(head.origin)
+        ids = list(taken)
+        wait = self.limits[head.origin.split(".")[1]].wait_ms if room else 0
+        if wait and len(ids) < room:
+            time.sleep(wait / 1000)
+            ids += queueing.take(self.worker.connection, head.origin, room - len(ids),
+                                 self.device_of(head))
+        if not ids:
+            return
+        w = self.worker
+        found = [j for j in RQJob.fetch_many(ids, connection=w.connection,
+                                             serializer=JSONSerializer) if j is not None]
+        if not found:
+            return
+        batch = Batch(head.id)
+        pipe = w.connection.pipeline()
+        for rq_job in found:
+            ttl = w.get_heartbeat_ttl(rq_job)
+            execution = Execution.create(rq_job, ttl, pipeline=pipe, worker_name=w.name)
+            w.executions[execution.id] = execution
+            rq_job.heartbeat(now(), ttl, pipeline=pipe)
+            rq_job.prepare_for_execution(w.name, pipeline=pipe)
+            pipe.persist(rq_job.key)
+            batch.members.append(_Member(rq_job, _job_of(rq_job), execution))
+        blob_keys = [m.job.blob_key for m in batch.members if m.job is not None]
+        for key in blob_keys:
+            pipe.hgetall(key)
+        replies = pipe.execute()
+        for key, blob in zip(blob_keys, replies[len(replies) - len(blob_keys):], strict=True):
+            w.runtime.prefetched[key] = blob
+        self.batch = batch
+        w.runtime.batch = batch
+
+    def finish(self) -> None:
+        """Move the batch's other jobs to RQ's finished registry (answered) or failed registry
+        (not answered: the reaper answers them), as RQ does for one job."""
+        batch, self.batch = self.batch, None
+        w = self.worker
+        w.runtime.batch = None
+        if batch is None or not batch.members:
+            return
+        pipe = w.connection.pipeline()
+        for m in batch.members:
+            job, execution = m.rq, m.execution
+            job.ended_at = now()
+            started = job.started_at or job.ended_at
+            w.increment_total_working_time(job.ended_at - started, pipe)
+            if m.answered:
+                job._status = JobStatus.FINISHED
+                w.increment_successful_job_count(pipeline=pipe)
+                result_ttl = job.get_result_ttl(w.default_result_ttl)
+                if result_ttl != 0:
+                    job._handle_success(result_ttl, pipeline=pipe, worker_name=w.name,
+                                        execution_id=execution.id,
+                                        execution_started_at=execution.created_at,
+                                        execution_ended_at=job.ended_at)
+                job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
+            else:
+                job._status = JobStatus.FAILED
+                w.increment_failed_job_count(pipeline=pipe)
+                job.set_status(JobStatus.FAILED, pipeline=pipe)
+                job._handle_failure("not answered: the batch it ran in failed", pipeline=pipe,
+                                    worker_name=w.name, execution_id=execution.id,
+                                    execution_started_at=execution.created_at,
+                                    execution_ended_at=job.ended_at)
+            w.cleanup_execution(job, pipeline=pipe, execution=execution)
+        pipe.execute()
+
+
+def _job_of(rq_job: RQJob) -> Job | None:
+    try:
+        return Job.from_json(rq_job.args[0])
+    except (IndexError, KeyError, TypeError, ValueError) as exc:
+        log.error("batch_job_unreadable", rq_job=rq_job.id, error=str(exc))
+        return None
+
+
+def perform_batch(jobs: Sequence[Job], models: Any, payload: Callable[[Job], Payload | None]
+                  ) -> list[Answer]:
+    """The answers to `jobs` (one task), in order: each checked on its own, the good ones of
+    each model run through one `handler.batch` call. Never raises for job-level problems."""
+    started = time.time()
+    answers: list[Answer | None] = [None] * len(jobs)
+    groups: dict[Any, list[tuple[int, Request]]] = {}
+    for i, job in enumerate(jobs):
+        try:
+            if started > job.deadline:
+                raise Timeout(f"the job waited {started - job.received:.1f} s and passed its "
+                              "deadline before it could run")
+            if models is None:
+                raise ModelUnavailable("this worker has no models loaded")
+            models.check(job.task, job.params.get("model"))
+            inputs = payload(job)
+            if inputs is None:
+                raise Timeout("the job's payload expired before it could run")
+            # looked up on the module each time: the fault tests patch it
+            request = perform.to_request(job, inputs)
+        except EdgeError as exc:
+            answers[i] = _error(job, exc, started)
+            continue
+        except Exception:  # noqa: BLE001 - a bad job must never kill the worker
+            log.exception("job_failed", job_id=job.route.request_id)
+            answers[i] = _error(job, Internal("internal error while running the job"), started)
+            continue
+        groups.setdefault(job.params.get("model"), []).append((i, request))
+    for model, group in groups.items():
+        for i, answer in zip([i for i, _ in group],
+                             _run_group(jobs, group, models, model, started), strict=True):
+            answers[i] = answer
+    return [a for a in answers if a is not None]
+
+
+def _run_group(jobs: Sequence[Job], group: list[tuple[int, Request]], models: Any, model: Any,
+               started: float) -> list[Answer]:
+    """One inference for the requests of one model; one answer per request."""
+    batch_jobs = [jobs[i] for i, _ in group]
+    try:
+        handler = models.check(batch_jobs[0].task, model)
+        outs = list(handler.batch([r for _, r in group]))
+        if len(outs) != len(group):
+            raise RuntimeError(f"handler.batch gave {len(outs)} answers to {len(group)} requests")
+    except EdgeError as exc:  # the whole group: e.g. its model is unavailable
+        return [_error(j, exc, started) for j in batch_jobs]
+    except JobTimeoutException:
+        log.warning("batch_timeout", batch=len(group))
+        return [_error(j, Timeout("the job ran past its time limit"), started)
+                for j in batch_jobs]
+    except Exception:  # noqa: BLE001 - a bad batch must never kill the worker
+        if len(group) > 1:  # one input broke the inference: run each alone, it fails alone
+            log.warning("batch_failed_alone_again", batch=len(group), exc_info=True)
+            return [a for member in group
+                    for a in _run_group(jobs, [member], models, model, started)]
+        log.exception("job_failed", job_id=batch_jobs[0].route.request_id)
+        return [_error(j, Internal("internal error while running the job"), started)
+                for j in batch_jobs]
+    answers = []
+    for job, out in zip(batch_jobs, outs, strict=True):
+        if isinstance(out, EdgeError):
+            log.info("job_error", job_id=job.route.request_id, code=out.code, reason=out.message)
+            answers.append(_error(job, out, started))
+            continue
+        try:
+            perform.check_answer_size(out)
+        except EdgeError as exc:
+            answers.append(_error(job, exc, started))
+            continue
+        body = result_body(job.route, result=out.result, timings=_timings(job, started))
+        answers.append(Answer(job.route, "result", body,
+                              tuple((m.content_type, m.data) for m in out.media)))
+    return answers
+
+
+def deliver_all(outbox: Outbox, rq_keys: Sequence[str], answers: Sequence[Answer], owner: str,
+                blob_keys: Sequence[str], patience: float = perform.ANSWER_PATIENCE) -> None:
+    """Store every answer once (`Outbox.answer_once`), in one round trip, riding out a Redis
+    restart like a single job's answer (a retry is harmless: a stored answer is not stored
+    again; one the reaper stored first is dropped, so the device gets exactly one)."""
+    deadline = time.monotonic() + patience
+    delay = 0.2
+    while True:
+        try:
+            pipe = outbox.conn.pipeline(transaction=False)
+            for key, answer, blob in zip(rq_keys, answers, blob_keys, strict=True):
+                outbox.answer_once(key, answer, owner, blob, pipeline=pipe)
+            stored = [bool(r) for r in pipe.execute()]
+            break
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("answer_retry", error=str(exc))
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    for answer, ok in zip(answers, stored, strict=True):
+        if not ok:
+            log.warning("job_already_answered", job_id=answer.route.request_id,
+                        note="the reaper answered it first")
+
+
+def _error(job: Job, error: EdgeError, started: float) -> Answer:
+    return Answer(job.route, "result",
+                  result_body(job.route, error=error, timings=_timings(job, started)))
+
+
+def _timings(job: Job, started: float) -> dict[str, float]:
+    t = time.time()
+    return {"queue_ms": (started - job.received) * 1000, "run_ms": (t - started) * 1000,
+            "total_ms": (t - job.received) * 1000}
