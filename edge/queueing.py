@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import redis
 from rq import Queue
+from rq.job import Job as RQJob
 from rq.serializers import JSONSerializer
 from rq.utils import now
 
@@ -169,21 +170,26 @@ def is_waiting(conn: redis.Redis, queue: str, device_id: str, job_id: str) -> bo
 
 
 def take(conn: redis.Redis, queue: str, n: int, head_device: str = "",
-         pipeline: redis.client.Pipeline | None = None) -> list[str]:
-    """Take up to `n` job ids waiting in `queue` for a batch, fairly (`scripts.TAKE`): what is
-    on RQ's list first, then one job per device in ring order (`head_device`, the device of the
+         pipeline: redis.client.Pipeline | None = None) -> list[tuple[str, dict]]:
+    """Take up to `n` jobs waiting in `queue` for a batch, fairly (`scripts.TAKE`): what is on
+    RQ's list first, then one job per device in ring order (`head_device`, the device of the
     job the batch is for, passing its first turn), then top RQ's list up (as `Feeder.feed`).
-    The caller must start them. With a pipeline, queued on it (sent as EVAL): the ids come
-    from its `execute()`, see `taken`."""
+    Returns (job id, RQ's job hash) pairs; the caller must start the jobs. With a pipeline,
+    queued on it (sent as EVAL): the pairs come from its `execute()` through `taken`."""
+    if n <= 0:
+        return []
     keys = [rq_queue_key(queue), C.RING_KEY.format(queue=queue),
             C.WAITING_KEY.format(queue=queue)]
-    args: list[str | int] = [C.FAIR_PREFIX.format(queue=queue), n, C.FEED_DEPTH, head_device]
+    args: list[str | int] = [C.FAIR_PREFIX.format(queue=queue), n, C.FEED_DEPTH, head_device,
+                             RQJob.redis_job_namespace_prefix]
     if pipeline is not None:
         pipeline.eval(scripts.TAKE, len(keys), *keys, *args)
         return []
     return taken(conn.register_script(scripts.TAKE)(keys=keys, args=args))
 
 
-def taken(reply) -> list[str]:
-    """The job ids of a `take` reply."""
-    return [i.decode() if isinstance(i, bytes) else str(i) for i in reply]
+def taken(reply) -> list[tuple[str, dict]]:
+    """The (job id, job hash) pairs of a `take` reply."""
+    ids, hashes = reply
+    return [(i.decode() if isinstance(i, bytes) else str(i),
+             dict(zip(h[::2], h[1::2], strict=True))) for i, h in zip(ids, hashes, strict=True)]

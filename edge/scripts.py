@@ -208,8 +208,10 @@ return {t[1], t[2], prev}
 # in between leaves them queued in no list: the reaper's lost-job scan pushes them back).
 TAKE = "#!lua flags=allow-oom\n" + _FEED_FN + """
 -- KEYS: RQ queue list, ring, waiting counter
--- ARGV: fair prefix, how many at most, feed depth, the head job's device id
--- Returns the job ids taken, in order.
+-- ARGV: fair prefix, how many at most, feed depth, the head job's device id, RQ's job key
+--       prefix
+-- Returns {ids, hashes}: the job ids taken, in order, and each one's job hash (HGETALL), so
+-- that the worker can start them in its next round trip.
 local out = {}
 local n = tonumber(ARGV[2])
 local skip = ARGV[4]
@@ -235,5 +237,7 @@ while #out < n do
   end
 end
 feed(KEYS[1], KEYS[2], KEYS[3], ARGV[1], tonumber(ARGV[3]))
-return out
+local hashes = {}
+for i, jid in ipairs(out) do hashes[i] = redis.call('HGETALL', ARGV[5] .. jid) end
+return {out, hashes}
 """

@@ -1,34 +1,34 @@
 """Dynamic batching: a worker runs the jobs already waiting for one task as one inference.
 
-When the worker starts a job (the *head*) of a task whose handler has a batch entry point
+When the worker takes a job (the *head*) of a task whose handler has a batch entry point
 (`handler.batch(requests) -> list[Response | EdgeError]`), it also takes up to
 `tasks.X.max_batch - 1` more jobs waiting in the same queue (`edge.queueing.take`: what is on
 RQ's list, then one job per device in ring order, so one device's backlog cannot fill a batch),
 waiting at most `tasks.X.batch_wait_ms` for more (default 0: never idles). Then:
 
-* **start**: every taken job is moved to RQ's StartedJobRegistry under this worker, with its
-  execution record, heartbeat and payload read, in one transaction (RQ's own calls, as
+* **start**: the head starts as any job does (its start transaction also takes the others);
+  the others go to RQ's StartedJobRegistry under this worker, with their execution records,
+  heartbeats and payloads read, in one more transaction (RQ's own calls, as
   `SimpleWorker.execute_job` makes them for one job). From here the reaper sees which jobs this
   worker holds: if it dies, each is answered `internal` once, none is run again.
-* **run** (inside the head's RQ job, so under RQ's time limit): each job is checked on its own
-  (deadline, model, payload), the good ones of each model (`params["model"]` exactly as given)
-  go through one `handler.batch` call, and each job gets its own answer: its own timings, its
-  own error (one bad input fails only its job); a batch that runs past the time limit answers
-  every job in it `timeout`. All answers go to the outbox through `Outbox.answer_once`, the
-  exactly-once step a single job uses, in one round trip.
-* **finish**: after the head's own RQ bookkeeping, the other jobs are moved to RQ's finished
-  registry (or, if their answers could not be stored, to its failed registry, where the reaper
-  answers them), in one transaction.
+* **run**, under RQ's time limit of the head (a batch is one task's jobs: one limit): each job
+  is checked on its own (deadline, model, payload); the good ones of each model
+  (`params["model"]` exactly as given) go through one `handler.batch` call; each job gets its
+  own answer, its own timings and its own error (one bad input fails only its job; an
+  inference that raises is run again one job at a time, so the job that broke it fails alone);
+  a batch past the time limit answers each of its jobs `timeout`.
+* **finish**: every answer goes to the outbox through `Outbox.answer_once` (the exactly-once
+  step a single job uses) and every job to RQ's finished registry, in one round trip.
 
-A job taken but not started yet (the worker died between the two steps, a few ms) is in no
-list: the reaper's lost-job scan puts it back on its queue.
+A job taken but not started yet (the worker died between the two transactions, a few ms) is in
+no list: the reaper's lost-job scan puts it back on its queue.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -46,12 +46,9 @@ from edge.errors import EdgeError, Internal, ModelUnavailable, Timeout
 from edge.jobs import Answer, Job, Payload, result_body
 from edge.outbox import Outbox
 from workers import perform
-from workers.api import Request, Response
+from workers.api import Request
 
 log = structlog.get_logger("workers.batching")
-
-BatchResult = Sequence["Response | EdgeError"]
-
 
 @dataclass(frozen=True, slots=True)
 class BatchLimit:
@@ -69,53 +66,29 @@ def limits_of(tasks: Mapping[str, Any]) -> dict[str, BatchLimit]:
 @dataclass(slots=True)
 class _Member:
     rq: RQJob
-    job: Job | None  # None: its JSON could not be read (the finish fails it in RQ)
+    job: Job | None  # None: its JSON could not be read (failed in RQ, never run)
     execution: Execution
-    answered: bool = False
 
 
-@dataclass(slots=True)
-class Batch:
-    """The jobs a worker took with one head job; the head's RQ run runs them all (`run`)."""
-
-    head: str  # RQ id of the head job
-    members: list[_Member] = field(default_factory=list)
-
-    def run(self, head: Job, conn: redis.Redis, rt: perform.Runtime, outbox: Outbox) -> None:
-        """Answer the head and every member: one inference per model, one outbox round trip.
-        Raises only when the answers cannot be stored (Redis away past the patience)."""
-        jobs = [head] + [m.job for m in self.members if m.job is not None]
-        keys = [RQJob.key_for(self.head)] + [m.rq.key for m in self.members if m.job is not None]
-        for job in jobs:  # before anything can fail or hang, as perform.run does
-            with _bound(job, rt):
-                log.info("job_started", batch=len(jobs))
-        answers = perform_batch(jobs, rt.models, lambda j: rt.take_payload(conn, j.blob_key))
-        deliver_all(outbox, keys, answers, rt.worker, [j.blob_key for j in jobs])
-        for m in self.members:
-            m.answered = m.job is not None
-        for job, answer in zip(jobs, answers, strict=True):
-            metrics.observe_answer(job.task, rt.device, answer.body)
-            if answer.body.get("status") == "ok":
-                with _bound(job, rt):
-                    log.info("job_done", run_ms=round(answer.body["timings"]["run_ms"], 2),
-                             batch=len(jobs))
-
-
-def _bound(job: Job, rt: perform.Runtime):
+def _bound(job: Job, worker: str):
     return structlog.contextvars.bound_contextvars(
         job_id=job.route.request_id, device_id=job.route.device_id, task=job.task,
-        worker=rt.worker)
+        worker=worker)
 
 
 class Batcher:
-    """The worker's side of batching: take and start the extra jobs, finish them in RQ.
+    """The worker's side of batching: take and start the jobs waiting with a head job, run
+    them as one, answer each, and move each through RQ's registries.
 
-    `worker` is the RQ worker (an `EdgeWorker`); `limits` the batch limits by task.
+    `worker` is the RQ worker (an `EdgeWorker`); `limits` the batch limits by task. The jobs
+    are finished with RQ's own calls, as `SimpleWorker.perform_job` finishes one, except for
+    what the daemon's jobs never have (dependents, callbacks, repeats, retries, rate limits).
     """
 
     def __init__(self, worker: Any, limits: Mapping[str, BatchLimit]) -> None:
         self.worker, self.limits = worker, limits
-        self.batch: Batch | None = None
+        self._members: list[_Member] = []
+        self.taking = 0  # while a head starts: how many jobs its start transaction takes
 
     def room(self, queue: str) -> int:
         """How many more jobs to take with a job of `queue` (0: this task does not batch)."""
@@ -132,78 +105,142 @@ class Batcher:
         ours = _job_of(job)
         return ours.route.device_id if ours is not None else ""
 
-    def start(self, head: RQJob, taken: Sequence[str]) -> None:
-        """Start the jobs taken with `head` (ids, from `queueing.take`), waiting up to the
-        task's `batch_wait_ms` for more when the batch is not full; hand them to the head's
-        run (`perform.Runtime.batch`)."""
-        self.batch = None
-        room = self.room(head.origin)
-        ids = list(taken)
-        wait = self.limits[head.origin.split(".")[1]].wait_ms if room else 0
-        if wait and len(ids) < room:
-            time.sleep(wait / 1000)
-            ids += queueing.take(self.worker.connection, head.origin, room - len(ids),
-                                 self.device_of(head))
-        if not ids:
-            return
+    def start(self, head: RQJob, taken: Sequence[tuple[str, dict]]) -> None:
+        """Start the jobs taken with `head` (from `queueing.take`, during the head's start),
+        waiting up to the task's `batch_wait_ms` for more when the batch is not full: each
+        goes to RQ's StartedJobRegistry under this worker, and its payload is read, in one
+        transaction."""
         w = self.worker
-        found = [j for j in RQJob.fetch_many(ids, connection=w.connection,
-                                             serializer=JSONSerializer) if j is not None]
-        if not found:
+        self._members = []
+        room = self.taking
+        got = list(taken)
+        wait = self.limits[head.origin.split(".")[1]].wait_ms
+        if wait and len(got) < room:
+            time.sleep(wait / 1000)
+            got += queueing.take(w.connection, head.origin, room - len(got), self.device_of(head))
+        if not got:
             return
-        batch = Batch(head.id)
         pipe = w.connection.pipeline()
-        for rq_job in found:
+        for job_id, fields in got:
+            if not fields:  # expired or deleted meanwhile: nothing left to run or answer
+                continue
+            rq_job = RQJob(job_id, connection=w.connection, serializer=JSONSerializer)
+            rq_job.restore(fields)
             ttl = w.get_heartbeat_ttl(rq_job)
             execution = Execution.create(rq_job, ttl, pipeline=pipe, worker_name=w.name)
             w.executions[execution.id] = execution
             rq_job.heartbeat(now(), ttl, pipeline=pipe)
             rq_job.prepare_for_execution(w.name, pipeline=pipe)
             pipe.persist(rq_job.key)
-            batch.members.append(_Member(rq_job, _job_of(rq_job), execution))
-        blob_keys = [m.job.blob_key for m in batch.members if m.job is not None]
+            self._members.append(_Member(rq_job, _job_of(rq_job), execution))
+        blob_keys = [m.job.blob_key for m in self._members if m.job is not None]
         for key in blob_keys:
             pipe.hgetall(key)
         replies = pipe.execute()
         for key, blob in zip(blob_keys, replies[len(replies) - len(blob_keys):], strict=True):
             w.runtime.prefetched[key] = blob
-        self.batch = batch
-        w.runtime.batch = batch
 
-    def finish(self) -> None:
-        """Move the batch's other jobs to RQ's finished registry (answered) or failed registry
-        (not answered: the reaper answers them), as RQ does for one job."""
-        batch, self.batch = self.batch, None
+    def execute(self, head: RQJob, queue: Any, room: int) -> None:
+        """Run `head` and up to `room` jobs waiting with it (RQ's `execute_job` for a batching
+        task): start them, one inference per model under the head's time limit, then every
+        answer and every job's finish in RQ in one round trip."""
         w = self.worker
-        w.runtime.batch = None
-        if batch is None or not batch.members:
+        execution = w.prepare_execution(head)
+        self._members, self.taking = [], room
+        try:
+            w.prepare_job_execution(head, len(w.queues) == 1)  # takes and starts the others
+        finally:
+            self.taking = 0
+        members = [_Member(head, _job_of(head), execution), *self._members]
+        self._members = []
+        rt = w.runtime
+        jobs = [m.job for m in members if m.job is not None]
+        for job in jobs:  # before anything can fail or hang, as perform.run does
+            with _bound(job, rt.worker):
+                log.info("job_started", batch=len(jobs))
+        started = time.time()
+        try:
+            with w.death_penalty_class(head.timeout or w.queue_class.DEFAULT_TIMEOUT,
+                                       JobTimeoutException, job_id=head.id):
+                answers = perform_batch(jobs, rt.models,
+                                        lambda j: rt.take_payload(w.connection, j.blob_key))
+        except JobTimeoutException:  # outside the inference (reading inputs...)
+            log.warning("batch_timeout", batch=len(jobs))
+            answers = [_error(j, Timeout("the job ran past its time limit"), started)
+                       for j in jobs]
+        finally:
+            for j in jobs:
+                rt.prefetched.pop(j.blob_key, None)
+        try:
+            self._finish(members, answers)
+        except redis.RedisError as exc:  # Redis away past the patience: RQ's verdict, later
+            log.error("batch_finish_failed", error=str(exc), batch=len(members),
+                      note="the jobs stay started; the reaper answers them")
             return
-        pipe = w.connection.pipeline()
-        for m in batch.members:
-            job, execution = m.rq, m.execution
-            job.ended_at = now()
-            started = job.started_at or job.ended_at
-            w.increment_total_working_time(job.ended_at - started, pipe)
-            if m.answered:
-                job._status = JobStatus.FINISHED
-                w.increment_successful_job_count(pipeline=pipe)
-                result_ttl = job.get_result_ttl(w.default_result_ttl)
-                if result_ttl != 0:
-                    job._handle_success(result_ttl, pipeline=pipe, worker_name=w.name,
-                                        execution_id=execution.id,
-                                        execution_started_at=execution.created_at,
-                                        execution_ended_at=job.ended_at)
-                job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
-            else:
-                job._status = JobStatus.FAILED
-                w.increment_failed_job_count(pipeline=pipe)
-                job.set_status(JobStatus.FAILED, pipeline=pipe)
-                job._handle_failure("not answered: the batch it ran in failed", pipeline=pipe,
-                                    worker_name=w.name, execution_id=execution.id,
+        for job, answer in zip(jobs, answers, strict=True):
+            metrics.observe_answer(job.task, rt.device, answer.body)
+            if answer.body.get("status") == "ok":
+                with _bound(job, rt.worker):
+                    log.info("job_done", run_ms=round(answer.body["timings"]["run_ms"], 2),
+                             batch=len(jobs))
+
+    def _finish(self, members: list[_Member], answers: list[Answer],
+                patience: float = perform.ANSWER_PATIENCE) -> None:
+        """Every answer once (`Outbox.answer_once`) and every job's end in RQ's registries, in
+        one round trip; a retry after a lost reply is harmless (a stored answer is not stored
+        again, one the reaper stored first is dropped: the device gets exactly one)."""
+        w = self.worker
+        outbox = Outbox(w.connection)
+        deadline = time.monotonic() + patience
+        delay = 0.2
+        readable = [m for m in members if m.job is not None]
+        while True:
+            try:
+                pipe = w.connection.pipeline()
+                for m, answer in zip(readable, answers, strict=True):
+                    assert m.job is not None
+                    outbox.answer_once(m.rq.key, answer, w.runtime.worker, m.job.blob_key,
+                                       pipeline=pipe)
+                for m in members:
+                    self._end(m, pipe)
+                stored = pipe.execute()[:len(readable)]
+                break
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("answer_retry", error=str(exc))
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        for answer, ok in zip(answers, stored, strict=True):
+            if not ok:
+                log.warning("job_already_answered", job_id=answer.route.request_id,
+                            note="the reaper answered it first")
+
+    def _end(self, m: _Member, pipe: redis.client.Pipeline) -> None:
+        """RQ's bookkeeping of one ended job (`handle_job_success`, or `handle_job_failure`
+        for one that could not be read), on `pipe`."""
+        w, job, execution = self.worker, m.rq, m.execution
+        job.ended_at = now()
+        w.increment_total_working_time(job.ended_at - (job.started_at or job.ended_at), pipe)
+        if m.job is not None:
+            job._status = JobStatus.FINISHED
+            w.increment_successful_job_count(pipeline=pipe)
+            result_ttl = job.get_result_ttl(w.default_result_ttl)
+            if result_ttl != 0:
+                job._handle_success(result_ttl, pipeline=pipe, worker_name=w.name,
+                                    execution_id=execution.id,
                                     execution_started_at=execution.created_at,
                                     execution_ended_at=job.ended_at)
-            w.cleanup_execution(job, pipeline=pipe, execution=execution)
-        pipe.execute()
+            job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
+        else:
+            job._status = JobStatus.FAILED
+            w.increment_failed_job_count(pipeline=pipe)
+            job.set_status(JobStatus.FAILED, pipeline=pipe)
+            job._handle_failure("the job's arguments could not be read", pipeline=pipe,
+                                worker_name=w.name, execution_id=execution.id,
+                                execution_started_at=execution.created_at,
+                                execution_ended_at=job.ended_at)
+        w.cleanup_execution(job, pipeline=pipe, execution=execution)
 
 
 def _job_of(rq_job: RQJob) -> Job | None:
@@ -287,32 +324,6 @@ def _run_group(jobs: Sequence[Job], group: list[tuple[int, Request]], models: An
         answers.append(Answer(job.route, "result", body,
                               tuple((m.content_type, m.data) for m in out.media)))
     return answers
-
-
-def deliver_all(outbox: Outbox, rq_keys: Sequence[str], answers: Sequence[Answer], owner: str,
-                blob_keys: Sequence[str], patience: float = perform.ANSWER_PATIENCE) -> None:
-    """Store every answer once (`Outbox.answer_once`), in one round trip, riding out a Redis
-    restart like a single job's answer (a retry is harmless: a stored answer is not stored
-    again; one the reaper stored first is dropped, so the device gets exactly one)."""
-    deadline = time.monotonic() + patience
-    delay = 0.2
-    while True:
-        try:
-            pipe = outbox.conn.pipeline(transaction=False)
-            for key, answer, blob in zip(rq_keys, answers, blob_keys, strict=True):
-                outbox.answer_once(key, answer, owner, blob, pipeline=pipe)
-            stored = [bool(r) for r in pipe.execute()]
-            break
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            if time.monotonic() > deadline:
-                raise
-            log.warning("answer_retry", error=str(exc))
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
-    for answer, ok in zip(answers, stored, strict=True):
-        if not ok:
-            log.warning("job_already_answered", job_id=answer.route.request_id,
-                        note="the reaper answered it first")
 
 
 def _error(job: Job, error: EdgeError, started: float) -> Answer:

@@ -41,8 +41,6 @@ class Runtime:
     models: ModelSet
     # blob key -> the blob as the worker read it while starting the job (see EdgeWorker)
     prefetched: dict[str, Mapping[bytes, bytes]] = field(default_factory=dict)
-    # the jobs the worker took and started with the job it runs now (workers.batching.Batch)
-    batch: Any = None
 
     def take_payload(self, conn: redis.Redis, key: str) -> Payload | None:
         """A job's inputs (the copy read while the job started, else from Redis); None when
@@ -74,9 +72,6 @@ def run(job_json: str) -> None:
         raise RuntimeError("workers.perform.run is RQ's entry point: it needs a current RQ job")
     conn = current.connection
     rt = _runtime
-    if rt is not None and rt.batch is not None and rt.batch.head == current.id:
-        rt.batch.run(job, conn, rt, Outbox(conn))  # this job and the ones taken with it
-        return
     with structlog.contextvars.bound_contextvars(
             job_id=job.route.request_id, device_id=job.route.device_id, task=job.task,
             worker=rt.worker if rt else None):

@@ -117,7 +117,7 @@ class EdgeWorker(SimpleWorker):
         if remove_from_intermediate_queue:
             queue = self.queue_class(job.origin, connection=self.connection)
             pipe.lrem(queue.intermediate_queue_key, 1, job.id)
-        room = self._batcher.room(job.origin)  # jobs to run with this one (workers.batching)
+        room = self._batcher.taking  # jobs to run with this one (workers.batching)
         if room:  # taken fairly among devices; the take feeds RQ's list after
             take(self.connection, job.origin, room, self._batcher.device_of(job), pipeline=pipe)
         else:
@@ -135,12 +135,12 @@ class EdgeWorker(SimpleWorker):
     def execute_job(self, job, queue):
         self.progress.begin(job.timeout)
         try:
+            room = self._batcher.room(queue.name)
+            if room:  # this job and those waiting with it, as one
+                self._batcher.execute(job, queue, room)
+                return self.set_state(WorkerStatus.IDLE)
             return super().execute_job(job, queue)
         finally:
-            try:
-                self._batcher.finish()  # the jobs that ran with this one, in RQ's registries
-            except redis.RedisError as exc:  # answered: the reaper leaves them alone
-                log.warning("batch_finish_failed", error=str(exc))
             self.progress.end()
 
     def request_stop(self, signum, frame):
