@@ -202,6 +202,40 @@ def open_loop(fleet: Fleet, rate: float, seconds: float) -> dict[str, float]:
     return stats
 
 
+def drain(daemon: Daemon, n: int = 2000) -> dict[str, float]:
+    """The worker alone: `n` jobs from the 50 devices stored straight into Redis the way the
+    agent stores them (no MQTT) while the worker is paused (SIGSTOP, by pid), then timed from
+    its SIGCONT until every one is answered in the outbox: how fast it drains a backlog."""
+    import os
+    import signal
+
+    from edge.config import load
+    from edge.jobs import Route
+    from edge.protocol import Submission
+    from edge.queueing import Enqueuer
+
+    enq = Enqueuer(daemon.conn, load(daemon.config))
+    rng = random.Random(3)
+    subs = []
+    for k in range(n):
+        dev, rid = f"sim-{k % DEVICES}", uuid.uuid4().hex[:16]
+        route = Route(dev, rid, "tokenize", "envelope", f"edge/results/{dev}/{rid}")
+        subs.append(Submission(route=route, params={}, batch=True,
+                               text=tuple(rng.sample(TEXTS, rng.randint(1, 3)))))
+    worker = daemon.workers[0].pid
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        for sub in subs:
+            enq.submit(sub, time.time())
+    finally:
+        t0 = time.perf_counter()
+        os.kill(worker, signal.SIGCONT)
+    while daemon.conn.zcard(C.UNANSWERED_KEY):
+        time.sleep(0.005)
+    elapsed = time.perf_counter() - t0
+    return {"jobs_s": n / elapsed, "seconds": elapsed}
+
+
 def run_setting(workdir: Path, bundle_root: Path, ring_file: Path, max_batch: int | None,
                 seconds: float, step_seconds: float) -> dict:
     task: dict = {"devices": ["CPU"], "queue_limit": 100000, "device_limit": 10000}
@@ -213,7 +247,7 @@ def run_setting(workdir: Path, bundle_root: Path, ring_file: Path, max_batch: in
     try:
         idle(fleet, 10)  # warm-up
         out: dict = {"idle": idle(fleet), "closed": closed(fleet, seconds, pids(daemon)),
-                     "open": []}
+                     "open": [], "drain": drain(daemon)}
         print(f"  max_batch={max_batch or 'default'} idle p50 {out['idle']['p50']:.2f} ms; "
               f"closed loop {out['closed']['jobs_s']:.0f} jobs/s p50 {out['closed']['p50']:.1f} "
               f"p99 {out['closed']['p99']:.1f} ms (in the gateway, p50: queued "
@@ -221,6 +255,8 @@ def run_setting(workdir: Path, bundle_root: Path, ring_file: Path, max_batch: in
               f"agent to answer stored {out['closed']['total_ms_p50']:.1f}); CPU (cores) "
               + ", ".join(f"{k[4:]} {v:.2f}" for k, v in out["closed"].items()
                           if k.startswith("cpu_")), flush=True)
+        print(f"  max_batch={max_batch or 'default'} worker alone (a backlog of 2000 jobs stored "
+              f"straight into Redis): {out['drain']['jobs_s']:.0f} jobs/s", flush=True)
         for rate in RATES:
             step = open_loop(fleet, rate, step_seconds)
             step["rate"] = rate
@@ -269,7 +305,8 @@ def main() -> None:
     print(f"\n{DEVICES} devices, tokenize jobs of 1-3 short texts, one CPU worker, redis "
           f"appendfsync {FSYNC}; medians over {args.rounds} round(s)")
     print(f"{'setting':22} {'idle p50':>8} {'closed jobs/s':>13} {'p50':>6} {'p99':>6} "
-          f"{'open best (p99<50)':>18} {'p50':>6} {'p99':>6} {'max open (p99<100)':>18}")
+          f"{'open best (p99<50)':>18} {'p50':>6} {'p99':>6} {'max open (p99<100)':>18} "
+          f"{'worker alone':>12}")
     summary = {}
     for label, rounds in results.items():
         def med(f, rounds=rounds):
@@ -285,15 +322,17 @@ def main() -> None:
              "open50": statistics.median([b["jobs_s"] if b else 0.0 for b in b50]),
              "open50_p50": med(lambda x: (best_rate(x["open"], 50) or {}).get("p50")),
              "open50_p99": med(lambda x: (best_rate(x["open"], 50) or {}).get("p99")),
-             "open100": statistics.median([b["jobs_s"] if b else 0.0 for b in b100])}
+             "open100": statistics.median([b["jobs_s"] if b else 0.0 for b in b100]),
+             "drain": med(lambda x: x["drain"]["jobs_s"])}
         summary[label] = s
         print(f"{label:22} {s['idle']:8.2f} {s['closed']:13.0f} {s['closed_p50']:6.1f} "
               f"{s['closed_p99']:6.1f} {s['open50']:18.0f} {s['open50_p50']:6.1f} "
-              f"{s['open50_p99']:6.1f} {s['open100']:18.0f}")
+              f"{s['open50_p99']:6.1f} {s['open100']:18.0f} {s['drain']:12.0f}")
     one, dflt = summary.values()
     print(f"\nratios default / max_batch=1: closed-loop jobs/s {dflt['closed'] / one['closed']:.2f}x, "
           f"open-loop jobs/s at p99 < 50 ms {dflt['open50'] / max(one['open50'], 1e-9):.2f}x, "
-          f"idle p50 {dflt['idle'] / one['idle']:.2f}x")
+          f"idle p50 {dflt['idle'] / one['idle']:.2f}x, worker alone jobs/s "
+          f"{dflt['drain'] / one['drain']:.2f}x")
     print("goals (issue 18): >= 5x jobs/s of max_batch=1 with p99 < 50 ms at that rate; "
           "idle p50 within 10%")
 

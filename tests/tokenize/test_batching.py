@@ -190,3 +190,53 @@ def test_max_batch_limits_the_batch_and_one_turns_batching_off(conn, enq, handle
     rec = _run_worker(conn, handler, _config(3))
     assert rec.sizes == [3, 3, 1]
     assert BatchLimit().max_batch == C.DEFAULT_MAX_BATCH
+
+
+def test_batch_wait_ms_waits_once_for_more_jobs_when_the_batch_is_not_full(conn, enq, handler,
+                                                                           monkeypatch):
+    e = enq(8)
+    _submit(e, "dev-0", "w-0", text="first")
+    waits: list[float] = []
+
+    def arriving(seconds: float) -> None:  # jobs that come in while the worker waits
+        waits.append(seconds)
+        for i in range(1, 4):
+            _submit(e, f"dev-{i}", f"w-{i}", text=f"late {i}")
+
+    monkeypatch.setattr(batching.time, "sleep", arriving)
+    task = TaskConfig(devices=("CPU",), device_limit=100, max_batch=8, batch_wait_ms=20)
+    rec = _run_worker(conn, handler, Config(tasks={"tokenize": task, "detokenize": task}))
+    assert waits == [0.02]
+    assert rec.sizes == [4]
+    assert set(_answers(conn)) == {"w-0", "w-1", "w-2", "w-3"}
+
+
+def test_no_wait_by_default(conn, enq, handler, monkeypatch):
+    e = enq(8)
+    _submit(e, "dev-0", "n-0", text="alone")
+    monkeypatch.setattr(batching.time, "sleep", lambda s: pytest.fail("the worker idled"))
+    rec = _run_worker(conn, handler, _config(8))
+    assert rec.sizes == [1]
+
+
+@pytest.mark.parametrize("raw,field", [
+    ({"tasks": {"tokenize": {"max_batch": 0}}}, "tasks.tokenize.max_batch"),
+    ({"tasks": {"tokenize": {"batch_wait_ms": -1}}}, "tasks.tokenize.batch_wait_ms"),
+    ({"tasks": {"tokenize": {"max_batch": "8"}}}, "tasks.tokenize.max_batch"),
+])
+def test_bad_batch_settings_are_refused_naming_the_field(raw, field):
+    from edge.config import ConfigError, parse
+
+    with pytest.raises(ConfigError) as exc:
+        parse(raw)
+    assert str(exc.value).startswith(field + ":")
+
+
+def test_batch_settings_parse_with_their_defaults():
+    from edge.config import parse
+
+    cfg = parse({"tasks": {"tokenize": {"max_batch": 4, "batch_wait_ms": 2}, "detokenize": {}}})
+    assert (cfg.tasks["tokenize"].max_batch, cfg.tasks["tokenize"].batch_wait_ms) == (4, 2)
+    assert (cfg.tasks["detokenize"].max_batch, cfg.tasks["detokenize"].batch_wait_ms) == (
+        C.DEFAULT_MAX_BATCH, 0)
+    assert batching.limits_of(cfg.tasks)["tokenize"] == BatchLimit(4, 2)
