@@ -129,7 +129,7 @@ class Batcher:
             ttl = w.get_heartbeat_ttl(rq_job)
             execution = Execution.create(rq_job, ttl, pipeline=pipe, worker_name=w.name)
             w.executions[execution.id] = execution
-            rq_job.heartbeat(now(), ttl, pipeline=pipe)
+            # (RQ's job.heartbeat too, but that only sets last_heartbeat, as this does)
             rq_job.prepare_for_execution(w.name, pipeline=pipe)
             pipe.persist(rq_job.key)
             self._members.append(_Member(rq_job, _job_of(rq_job), execution))
@@ -203,6 +203,7 @@ class Batcher:
                                        pipeline=pipe)
                 for m in members:
                     self._end(m, pipe)
+                self._count(members, pipe)
                 stored = pipe.execute()[:len(readable)]
                 break
             except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -221,10 +222,8 @@ class Batcher:
         for one that could not be read), on `pipe`."""
         w, job, execution = self.worker, m.rq, m.execution
         job.ended_at = now()
-        w.increment_total_working_time(job.ended_at - (job.started_at or job.ended_at), pipe)
         if m.job is not None:
             job._status = JobStatus.FINISHED
-            w.increment_successful_job_count(pipeline=pipe)
             result_ttl = job.get_result_ttl(w.default_result_ttl)
             if result_ttl != 0:
                 job._handle_success(result_ttl, pipeline=pipe, worker_name=w.name,
@@ -234,13 +233,23 @@ class Batcher:
             job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
         else:
             job._status = JobStatus.FAILED
-            w.increment_failed_job_count(pipeline=pipe)
             job.set_status(JobStatus.FAILED, pipeline=pipe)
             job._handle_failure("the job's arguments could not be read", pipeline=pipe,
                                 worker_name=w.name, execution_id=execution.id,
                                 execution_started_at=execution.created_at,
                                 execution_ended_at=job.ended_at)
         w.cleanup_execution(job, pipeline=pipe, execution=execution)
+
+    def _count(self, members: list[_Member], pipe: redis.client.Pipeline) -> None:
+        """The worker's statistics RQ keeps per job (counts, working time), once per batch."""
+        key, ok = self.worker.key, sum(m.job is not None for m in members)
+        working = sum(((m.rq.ended_at or now()) - (m.rq.started_at or now())).total_seconds()
+                      for m in members)
+        if ok:
+            pipe.hincrby(key, "successful_job_count", ok)
+        if len(members) - ok:
+            pipe.hincrby(key, "failed_job_count", len(members) - ok)
+        pipe.hincrbyfloat(key, "total_working_time", working)
 
 
 def _job_of(rq_job: RQJob) -> Job | None:
