@@ -44,7 +44,7 @@ DEVICES = 50
 TEXTS = ["turn the lights on", "temperature is 21.5 degrees", "door opened", "hello world",
          "motion detected in the hallway", "battery low", "the quick brown fox", "ok",
          "pump pressure nominal", "Zürich café sensor 7"]
-RATES = (50, 100, 200, 300, 400, 600, 800, 1000, 1300, 1600, 2000, 2500, 3000)
+RATES = (25, 50, 75, 100, 150, 200, 300, 400, 600, 800, 1000, 1500, 2000, 3000)
 
 
 def pct(values: list[float], q: float) -> float:
