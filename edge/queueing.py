@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
@@ -170,18 +171,22 @@ def is_waiting(conn: redis.Redis, queue: str, device_id: str, job_id: str) -> bo
 
 
 def take(conn: redis.Redis, queue: str, n: int, head_device: str = "",
-         pipeline: redis.client.Pipeline | None = None) -> list[tuple[str, dict]]:
+         pipeline: redis.client.Pipeline | None = None, others: Sequence[str] = (),
+         burst: int | None = None) -> list[tuple[str, dict]]:
     """Take up to `n` jobs waiting in `queue` for a batch, fairly (`scripts.TAKE`): what is on
     RQ's list first, then one job per device in ring order (`head_device`, the device of the
-    job the batch is for, passing its first turn), then top RQ's list up (as `Feeder.feed`).
-    Returns (job id, RQ's job hash) pairs; the caller must start the jobs. With a pipeline,
-    queued on it (sent as EVAL): the pairs come from its `execute()` through `taken`."""
+    job the batch is for, passing its first turn), then top RQ's list up (as `Feeder.feed`);
+    at most `burst` while any of the queues `others` has work (the worker's other queues: one
+    task's batches must not starve them). Returns (job id, RQ's job hash) pairs; the caller
+    must start the jobs. With a pipeline, queued on it (sent as EVAL): the pairs come from
+    its `execute()` through `taken`."""
     if n <= 0:
         return []
     keys = [rq_queue_key(queue), C.RING_KEY.format(queue=queue),
             C.WAITING_KEY.format(queue=queue)]
+    keys += [k for q in others for k in (rq_queue_key(q), C.WAITING_KEY.format(queue=q))]
     args: list[str | int] = [C.FAIR_PREFIX.format(queue=queue), n, C.FEED_DEPTH, head_device,
-                             RQJob.redis_job_namespace_prefix]
+                             RQJob.redis_job_namespace_prefix, n if burst is None else burst]
     if pipeline is not None:
         pipeline.eval(scripts.TAKE, len(keys), *keys, *args)
         return []

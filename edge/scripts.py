@@ -207,14 +207,22 @@ return {t[1], t[2], prev}
 # The ids leave every list here; the worker marks them started right after (a worker that dies
 # in between leaves them queued in no list: the reaper's lost-job scan pushes them back).
 TAKE = "#!lua flags=allow-oom\n" + _FEED_FN + """
--- KEYS: RQ queue list, ring, waiting counter
+-- KEYS: RQ queue list, ring, waiting counter, then for each other queue of the worker: its
+--       RQ list and its waiting counter
 -- ARGV: fair prefix, how many at most, feed depth, the head job's device id, RQ's job key
---       prefix
+--       prefix, how many at most while another queue of the worker has work (its priority
+--       burst left: jobs of one queue in a row)
 -- Returns {ids, hashes}: the job ids taken, in order, and each one's job hash (HGETALL), so
 -- that the worker can start them in its next round trip.
 local out = {}
 local n = tonumber(ARGV[2])
 local skip = ARGV[4]
+for i = 4, #KEYS, 2 do
+  if redis.call('LLEN', KEYS[i]) > 0 or tonumber(redis.call('GET', KEYS[i + 1]) or '0') > 0 then
+    n = math.min(n, tonumber(ARGV[6]))
+    break
+  end
+end
 while #out < n do
   local jid = redis.call('LPOP', KEYS[1])
   if not jid then break end

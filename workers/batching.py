@@ -117,9 +117,12 @@ class Batcher:
         wait = self.limits[head.origin.split(".")[1]].wait_ms
         if wait and len(got) < room:
             time.sleep(wait / 1000)
-            got += queueing.take(w.connection, head.origin, room - len(got), self.device_of(head))
+            got += queueing.take(w.connection, head.origin, room - len(got), self.device_of(head),
+                                 others=[q.name for q in w.queues if q.name != head.origin],
+                                 burst=max(0, C.PRIORITY_BURST - w._streak - len(got)))
         if not got:
             return
+        w.count_served(head.origin, len(got))  # the priority burst counts jobs, not batches
         pipe = w.connection.pipeline()
         for job_id, fields in got:
             if not fields:  # expired or deleted meanwhile: nothing left to run or answer

@@ -51,7 +51,8 @@ class EdgeWorker(SimpleWorker):
         self._feeder = Feeder(self.connection)
         self._batcher = Batcher(self, batching or {})  # off unless limits are given
         self._priority = list(self.queues)  # the order the config gives (TASK_ORDER)
-        self._last, self._streak = None, 0  # the queue of the last job; jobs in a row from it
+        self._last: str | None = None  # the queue of the last job
+        self._streak = 0  # jobs in a row from it
         # Watchdog: the loop beats at least every dequeue_timeout; allow Redis back-off too.
         self.progress = sdnotify.Progress(stall_after=self.dequeue_timeout + 100)
         perform.install(runtime)
@@ -79,8 +80,12 @@ class EdgeWorker(SimpleWorker):
     def reorder_queues(self, reference_queue):
         # RQ calls this right after a job was dequeued, before its last heartbeat.
         self._job_in_hand = True
-        served = reference_queue.name
-        self._streak = self._streak + 1 if served == self._last else 1
+        self.count_served(reference_queue.name, 1)
+
+    def count_served(self, served: str, n: int) -> None:
+        """Count `n` jobs just taken from queue `served` (a batch's count them all) and set the
+        queue order for the next dequeue (`next_order`)."""
+        self._streak = self._streak + n if served == self._last else n
         self._last = served
         self._ordered_queues = next_order(self._priority, served, self._streak)
         if self._ordered_queues[0].name != self._priority[0].name:
@@ -118,8 +123,10 @@ class EdgeWorker(SimpleWorker):
             queue = self.queue_class(job.origin, connection=self.connection)
             pipe.lrem(queue.intermediate_queue_key, 1, job.id)
         room = self._batcher.taking  # jobs to run with this one (workers.batching)
-        if room:  # taken fairly among devices; the take feeds RQ's list after
-            take(self.connection, job.origin, room, self._batcher.device_of(job), pipeline=pipe)
+        if room:  # taken fairly among devices, within the priority burst; feeds RQ's list after
+            take(self.connection, job.origin, room, self._batcher.device_of(job), pipeline=pipe,
+                 others=[q.name for q in self.queues if q.name != job.origin],
+                 burst=max(0, C.PRIORITY_BURST - self._streak))
         else:
             # the next waiting job (fairly chosen among devices) takes this one's place on RQ's list
             self._feeder.feed(job.origin, pipeline=pipe)

@@ -240,3 +240,28 @@ def test_batch_settings_parse_with_their_defaults():
     assert (cfg.tasks["detokenize"].max_batch, cfg.tasks["detokenize"].batch_wait_ms) == (
         C.DEFAULT_MAX_BATCH, 0)
     assert batching.limits_of(cfg.tasks)["tokenize"] == BatchLimit(4, 2)
+
+
+def test_batches_count_against_the_priority_burst_so_other_tasks_are_not_starved(
+        conn, enq, handler, monkeypatch):
+    e = enq(16)
+    for i in range(40):
+        _submit(e, f"dev-{i % 20}", f"f-{i}", text=f"flood {i}")
+    _submit(e, "other", "d-1", task="detokenize", ids=(101, 102))
+    order: list[tuple[str, int]] = []
+    original = batching.perform_batch
+
+    def spy(jobs, *args, **kwargs):
+        order.append((jobs[0].task, len(jobs)))
+        return original(jobs, *args, **kwargs)
+
+    monkeypatch.setattr(batching, "perform_batch", spy)
+    _run_worker(conn, handler, _config(16))
+    ahead = 0
+    for task, n in order:
+        if task == "detokenize":
+            break
+        ahead += n
+    assert ahead <= C.PRIORITY_BURST, order  # jobs, not batches, count
+    assert order[0] == ("tokenize", C.PRIORITY_BURST)
+    assert sum(n for _, n in order) == 41
