@@ -92,6 +92,8 @@ class Agent:
                       job_id=sub.route.request_id, queue=enq.queue, duplicate=enq.duplicate)
             if not enq.duplicate:
                 metrics.SUBMITTED.labels(sub.route.task, enq.queue.rsplit(".", 1)[-1]).inc()
+            metrics.observe_device(sub.route.device_id, sub.route.task,
+                                   "duplicate" if enq.duplicate else "submitted")
             return True
         except Rejected as exc:
             return self._answer_error(exc.route, exc.error, topic)
@@ -128,6 +130,7 @@ class Agent:
             metrics.BUSY.labels(task, getattr(error, "limit", "queue_limit")).inc()
         if route is None:
             return True  # nowhere to answer (not a job topic)
+        metrics.observe_device(route.device_id, task, "rejected")
         try:
             self.outbox.append(error_answer(route, error))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -185,9 +188,12 @@ class Agent:
                    threading.Thread(target=self.reaper.run, name="reaper", daemon=True)]
         for t in threads:
             t.start()
-        metrics.serve(self.config.metrics_port)
-        watchdog = sdnotify.Watchdog(
-            lambda: self.progress.healthy() and all(t.is_alive() for t in threads)).start()
+        def live() -> bool:
+            return self.progress.healthy() and all(t.is_alive() for t in threads)
+
+        metrics.serve(self.config.metrics_port, live=live,
+                      ready={"redis": self.conn.ping, "mqtt": self.mqtt.is_connected})
+        watchdog = sdnotify.Watchdog(live).start()
         log.info("agent_started", node=self.config.node, broker=self.config.mqtt.host,
                  port=self.config.mqtt.port)
         self._stop.wait()

@@ -116,12 +116,18 @@ class DeviceConfig:
 
 @dataclass(frozen=True, slots=True)
 class KeyringConfig:
-    """Where the key-encryption keys come from, in order: systemd credential, file, env."""
+    """Where the key-encryption keys come from (systemd credential, file, env: when several
+    are present they must agree) and who makes new keys (docs/keys.md)."""
 
     credential: str = "edge-keyring"
     file: Path | None = None
     env: str | None = "EDGE_KEYRING"
     signer: Path | None = None  # pinned fleet signing key(s), PEM: `keys unseal` checks it
+    # "single": this host makes its own keys (a lone gateway, the KMS / build host);
+    # "fleet": the ring comes sealed from the KMS, so `keys rotate` is refused here and the
+    # rotation timer does nothing.
+    mode: str = "single"
+    credential_file: Path | None = None  # the encrypted credential `keys install` makes
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +246,8 @@ def _keyring(r: _Reader) -> KeyringConfig:
         file=r.opt_path("file"),
         env=r.opt_str("env", "EDGE_KEYRING"),
         signer=r.opt_path("signer"),
+        mode=r.choice("mode", "single", ("single", "fleet")),
+        credential_file=r.opt_path("credential_file"),
     )
     r.done()
     return out

@@ -8,24 +8,29 @@ through the gateway's node exporter / Prometheus agent, or an SSH tunnel):
   the device's place in the sorted list of devices the config names (`Config.worker_metrics_port`).
 
 `metrics_port = 0` turns every endpoint off. `status` is "ok" or one of the closed error codes.
+The same port answers `/healthz` and `/readyz` (edge/health.py). Process metrics (`process_*`:
+RSS, CPU seconds, open fds) come from prometheus_client's ProcessCollector.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import redis
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from edge import constants as C
+from edge import health
 from edge.tasks import TASK_ORDER
 
 log = structlog.get_logger("edge.metrics")
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes, _cpu_seconds_total, _open_fds
 
 # Job latencies span a 0.2 ms tokenizer call to a 10-minute LCM run.
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
@@ -71,6 +76,10 @@ ANSWERS_REFUSED = Counter(
     "Answers the broker refused (PUBACK reason code, e.g. 0x87; `local`: the MQTT client did) or "
     "that were past its packet limit (0x95), by what the relay did: retry, replaced (by an "
     "error answer), dropped", ("task", "reason", "action"), registry=REGISTRY)
+DEVICE_JOBS = Counter(
+    "edge_device_jobs", "Job messages the agent received, by device id (the first "
+    "DEVICE_SERIES ids seen since start; later ones as `other`), task and outcome "
+    "(submitted, duplicate, rejected)", ("device_id", "task", "outcome"), registry=REGISTRY)
 OUTBOX_LENGTH = Gauge("edge_outbox_length", "Answers in the outbox stream not yet relayed",
                       registry=REGISTRY)
 OUTBOX_OLDEST = Gauge("edge_outbox_oldest_pending_seconds",
@@ -78,12 +87,49 @@ OUTBOX_OLDEST = Gauge("edge_outbox_oldest_pending_seconds",
                       registry=REGISTRY)
 
 
-def serve(port: int, host: str = "127.0.0.1") -> bool:
-    """Serve REGISTRY on host:port (0 = off); False, with a log line, when the port is taken."""
+# Device ids are client input: at most this many get their own series (bounded cardinality).
+DEVICE_SERIES = 50
+
+
+class DeviceLabels:
+    """The `device_id` label of a device: its id for the first `limit` ids seen, else `other`.
+
+    Admission is first come and sticky, not a moving top N: a counter series that changed hands
+    (or an `other` that shrank when a device left it) would read as a counter reset to
+    `rate()`. Dashboards take the top talkers with `topk()` over these series.
+    """
+
+    def __init__(self, limit: int = DEVICE_SERIES) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, device_id: str) -> str:
+        with self._lock:
+            if device_id in self._seen:
+                return device_id
+            if len(self._seen) < self.limit and device_id != "other":
+                self._seen.add(device_id)
+                return device_id
+        return "other"
+
+
+device_label = DeviceLabels()
+
+
+def observe_device(device_id: str, task: str, outcome: str) -> None:
+    """Count one job message from a device (`outcome`: submitted, duplicate or rejected)."""
+    DEVICE_JOBS.labels(device_label(device_id), task, outcome).inc()
+
+
+def serve(port: int, host: str = "127.0.0.1", live: health.Check | None = None,
+          ready: Mapping[str, health.Check] | None = None) -> bool:
+    """Serve REGISTRY, /healthz (`live`) and /readyz (`ready`) on host:port (0 = off); False,
+    with a log line, when the port is taken."""
     if not port:
         return False
     try:
-        start_http_server(port, addr=host, registry=REGISTRY)
+        health.start(port, host, REGISTRY, live, ready)
     except OSError as exc:
         # A second worker for the same device on one host: it runs, without its own endpoint.
         log.warning("metrics_not_served", port=port, error=str(exc))

@@ -7,8 +7,10 @@
     edgectl bundle pack|verify|ls|import-openssl ...        encrypted model bundles
     edgectl keys generate|rotate|retire|ls ...              key-encryption keys
     edgectl status                                          node status, devices, queues
+    edgectl top [--interval S] [--once]                     live view: tasks, queues, workers, errors
     edgectl bench BUNDLE [--shape N[..]] [--niter N|--time S] benchmark_app for a bundle's IR
     edgectl install-units [--root DIR] [--bindir DIR]       copy the systemd units (starts nothing)
+    edgectl init-gateway [--root DIR] [--node N]            units, groups, /etc/edge, Redis, Mosquitto
 """
 
 from __future__ import annotations
@@ -77,6 +79,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("status", help="node status: workers, models, queues, devices")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("top", help="a refreshing view of tasks, queues, workers, models, errors")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between frames")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument("--host", help="broker host (default: the config's [mqtt] host)")
+    p.add_argument("--port", type=int, help="broker port (default: the config's [mqtt] port)")
+    p.set_defaults(func=lambda a: __import__("edgectl.top").top.run(
+        load_config(a.config), a.interval, a.once, host=a.host, port=a.port))
+
     p = sub.add_parser("bench", help="benchmark one IR of an encrypted bundle (benchmark_app)")
     __import__("edgectl.benchcmd").benchcmd.add_arguments(p)
 
@@ -84,6 +94,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--root", default="/", help="install under this tree (DESTDIR)")
     p.add_argument("--bindir", help="where edge-agent/edge-worker are (default: this venv's bin)")
     p.set_defaults(func=lambda a: __import__("edgectl.units").units.main(a.root, a.bindir))
+
+    p = sub.add_parser("init-gateway", help="lay out this gateway: units, groups, /etc/edge, "
+                                            "Redis and Mosquitto configs (starts nothing)")
+    p.add_argument("--root", default="/", help="write under this tree (DESTDIR)")
+    p.add_argument("--node", help="this gateway's name (default: the short host name)")
+    p.add_argument("--bindir", help="where edge-agent/edge-worker are (default: this venv's bin)")
+    p.add_argument("--tls-name", action="append", default=[], metavar="NAME",
+                   help="DNS name or IP in the broker's certificate (default: this host's FQDN, "
+                        "localhost, 127.0.0.1)")
+    p.set_defaults(func=lambda a: __import__("edgectl.gateway").gateway.main(
+        a.root, a.node, a.bindir, a.tls_name))
 
     from keys.cli import add_subcommands
 
@@ -111,7 +132,8 @@ def _resolve_keys(parser: argparse.ArgumentParser):
 
         return _load(config.keyring)
 
-    return config.keyring.file, load_ring, config.bundle_dir, config.keyring.signer
+    return (config.keyring.file, load_ring, config.bundle_dir, config.keyring.signer,
+            config.keyring)
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
@@ -225,6 +247,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     password = args.password_file.read_text().strip() if args.password_file else None
     username = args.username or (args.device_id if password is not None else None)
     tls_ca = args.tls_ca or config.mqtt.tls_ca
+    # on a terminal, long jobs (asr windows, lcm and superres steps) draw a progress bar
+    from edgectl.progressbar import ProgressBar
+
+    progress = ProgressBar(sys.stderr, args.task) if sys.stderr.isatty() else None
     with DeviceClient(args.host or config.mqtt.host, args.port or config.mqtt.port,
                       device_id=args.device_id, username=username, password=password,
                       tls_ca=str(tls_ca) if tls_ca else None) as dev:
@@ -234,17 +260,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
                        else Path(args.inputs[0]).read_bytes())
             dev.publish_raw(args.task, payload, rid, params=params,
                             content_type="text/plain" if "text" in spec.inputs else None)
-            reply = dev.wait(rid, args.timeout)
         else:
             env = envelope(args.task, args.inputs, params, rid)
             dev.publish_envelope(args.task, env)
-            reply = dev.wait(rid, args.timeout)
+        try:
+            reply = dev.wait(rid, args.timeout, on_progress=progress.update if progress else None)
+        finally:
+            if progress is not None:
+                progress.finish()
     body = dict(reply.body)
     if reply.media:
         body.setdefault("result", {}).pop("media", None)
         files = _write_media(reply.media, args.out or Path("."), rid)
         body["result"]["files"] = [str(f) for f in files]
-    for note in reply.progress:
+    for note in reply.progress if progress is None else ():
         print(json.dumps(note), file=sys.stderr)
     print(json.dumps(body, indent=2, ensure_ascii=False))
     return 0 if reply.ok else 1
@@ -265,8 +294,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         if not args.source.exists():
             print(f"edgectl: {args.source}: no such file or folder", file=sys.stderr)
             return 2
-        folders = [prepare_from(args.source, args.cache, name=args.name,
-                                version=args.version, force=args.force, options=options)]
+        from edge.errors import EdgeError
+
+        try:
+            folders = [prepare_from(args.source, args.cache, name=args.name,
+                                    version=args.version, force=args.force, options=options)]
+        except EdgeError as exc:  # a model we cannot serve: say why, no traceback
+            print(f"edgectl: {exc.message}", file=sys.stderr)
+            return 2
     else:
         folders = module.prepare(args.cache, force=args.force, options=options)
     for folder in folders:

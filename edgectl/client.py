@@ -10,7 +10,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -250,8 +250,10 @@ class DeviceClient:
         if refused is not None:
             raise _refused_error(request_id, refused)
 
-    def wait(self, request_id: str, timeout: float = 60.0) -> Reply:
-        """The answer to `request_id` (progress notes collected on the way).
+    def wait(self, request_id: str, timeout: float = 60.0,
+             on_progress: Callable[[Mapping[str, Any]], None] | None = None) -> Reply:
+        """The answer to `request_id` (progress notes collected on the way, and handed to
+        `on_progress` as they come).
 
         Raises `PublishRefused` when the broker refused the job, `TimeoutError` past `timeout`.
         """
@@ -268,6 +270,8 @@ class DeviceClient:
                 continue
             if kind == "progress":
                 progress.append(json.loads(msg.payload))
+                if on_progress is not None:
+                    on_progress(progress[-1])
                 continue
             if kind == "refused":
                 raise msg

@@ -1,6 +1,7 @@
 """`edgectl install-units`: copy the systemd units into place; start nothing.
 
-The units in `systemd/` name the console scripts as `/opt/edge/bin/...`; the installer rewrites
+The units (`systemd/` in a checkout, `edgectl/data/systemd/` inside the wheel: one folder, read
+through importlib.resources) name the console scripts as `/opt/edge/bin/...`; the installer rewrites
 that prefix to where this installation's scripts are (the venv's `bin/`), so the same files
 serve a packaged install and a checkout. `--root` installs under another tree (a package
 build's DESTDIR, or a test's temporary folder).
@@ -10,9 +11,18 @@ from __future__ import annotations
 
 import shutil
 import sys
+from importlib import resources
 from pathlib import Path
 
-UNITS_DIR = Path(__file__).resolve().parents[1] / "systemd"
+
+def data_dir(name: str) -> Path:
+    """A folder shipped inside the package: `systemd` or `configs` (wheel and checkout alike)."""
+    # edgectl/data/<name> is a symlink to the checkout's top-level folder and a real folder in
+    # an installed wheel; wheels install unzipped, so the Traversable is a filesystem path.
+    return Path(str(resources.files("edgectl") / "data" / name))
+
+
+UNITS_DIR = data_dir("systemd")
 PLACEHOLDER_BIN = "/opt/edge/bin/"
 SYSTEMD_DIR = Path("etc/systemd/system")
 SYSUSERS = (Path("edge.sysusers.conf"), Path("etc/sysusers.d/edge.conf"))

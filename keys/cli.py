@@ -2,8 +2,9 @@
 
 `add_subcommands(subparsers, resolve)` registers them; each command's handler is set as
 `func` (and `keys_func`) on its parser and returns an exit code. `resolve(args)` (or
-`resolve()`) gives `(keyring_path, load_ring, bundle_dir, pinned_signer_path)` from the
-config. Never prints secret keys (a signing key's *public* half is printed to be pinned).
+`resolve()`) gives `(keyring_path, load_ring, bundle_dir, pinned_signer_path[, settings])`
+from the config, `settings` being the `[keyring]` table (mode, credential, credential_file).
+Never prints secret keys (a signing key's *public* half is printed to be pinned).
 """
 
 from __future__ import annotations
@@ -14,33 +15,57 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import structlog
 
 from keys.bundle import SUFFIX, bundle_dirs, open_all, pack_bundle, verify_bundle
+from keys.delivery import (
+    WITH_KEY_CHOICES,
+    CredentialTool,
+    SystemdCreds,
+    digest,
+    make_credential,
+    save_key_file,
+    write_stamp,
+)
 from keys.errors import BundleError, KeyringError
 from keys.keyring import Keyring
 from keys.legacy import import_openssl
-from keys.rotation import bundles_needing, file_key_ids, rewrap_bundle, rotate_keyring
+from keys.rotation import bundles_needing, file_key_ids, rewrap_all, rotate_keyring
 from keys.sealed import MAX_SEALED, load_private_key, load_public_key, write_identity
 from keys.signer import fingerprint, load_pinned, load_signing_key, public_pem, write_signer
 
-Resolved = tuple[Path | None, Callable[[], Keyring], Path, Path | None]
+Resolved = tuple[Any, ...]
 Resolve = Callable[..., Resolved]
+log = structlog.get_logger("keys")
+
+
+def credential_tool(with_key: str) -> CredentialTool:
+    """The tool that makes host-bound credentials (tests replace this function)."""
+    return SystemdCreds(with_key=with_key)
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction, resolve: Resolve) -> None:
-    """Register `keys generate|rotate|rewrap|retire|ls|identity|signer generate|seal|unseal`
-    and `bundle pack|verify|ls|import-openssl`."""
+    """Register `keys generate|rotate|rewrap|retire|ls|identity|signer generate|seal|unseal|
+    install` and `bundle pack|verify|ls|import-openssl`."""
     keys = subparsers.add_parser("keys", help="keyring: generate, rotate, retire, list")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
     p = ksub.add_parser("generate", help="write a new keyring (refuses to overwrite)")
     p.add_argument("--out", type=Path, help="key file (default: the configured one)")
     _bind(p, resolve, _generate)
-    _bind(ksub.add_parser("rotate", help="new current key, rewrap every bundle"), resolve,
-          _rotate)
+    p = ksub.add_parser("rotate", help="new current key, rewrap every bundle, refresh the "
+                        "credential (single-gateway mode only)")
+    p.add_argument("--scheduled", action="store_true",
+                   help="run by the rotation timer: in fleet mode, log and do nothing")
+    _with_key(p)
+    _bind(p, resolve, _rotate)
     _bind(ksub.add_parser("rewrap", help="rewrap every bundle under the ring's current key "
                           "(a gateway after installing a rotated fleet ring)"), resolve, _rewrap)
-    p = ksub.add_parser("retire", help="drop an old key no bundle needs any more")
+    p = ksub.add_parser("retire", help="drop an old key no bundle needs any more (and "
+                        "refresh the credential)")
     p.add_argument("kid")
+    _with_key(p)
     _bind(p, resolve, _retire)
     _bind(ksub.add_parser("ls", help="key ids and how many files each wraps"), resolve, _keys_ls)
     p = ksub.add_parser("identity", help="new X25519 key pair for a gateway (OUT and OUT.pub)")
@@ -67,6 +92,16 @@ def add_subcommands(subparsers: argparse._SubParsersAction, resolve: Resolve) ->
                    help="development only: install a ring without a pinned signer's signature "
                         "(unsigned format-1 rings, or no `[keyring] signer` configured)")
     _bind(p, resolve, _unseal)
+    p = ksub.add_parser("install", help="make this gateway's host-bound keyring credential "
+                        "(systemd-creds) from the key file, or from a sealed fleet ring first")
+    p.add_argument("sealed", type=Path, nargs="?",
+                   help="a sealed fleet ring to unseal and install first (as `keys unseal`)")
+    p.add_argument("--identity", type=Path, help="this gateway's private key (with SEALED)")
+    p.add_argument("--allow-unsigned", action="store_true", help="as for `keys unseal`")
+    p.add_argument("--credential", type=Path,
+                   help="credential file (default: [keyring] credential_file)")
+    _with_key(p)
+    _bind(p, resolve, _install)
 
     bundle = subparsers.add_parser("bundle", help="encrypted model bundles")
     bsub = bundle.add_subparsers(dest="bundle_command", required=True)
@@ -100,6 +135,19 @@ def _bind(parser: argparse.ArgumentParser, resolve: Resolve,
     parser.set_defaults(func=run, keys_func=run)
 
 
+def _with_key(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--with-key", choices=WITH_KEY_CHOICES, default="auto",
+                   help="what binds the credential to this host (systemd-creds --with-key; "
+                        "auto: TPM2 when present, else the host key)")
+
+
+def _settings(resolved: Resolved) -> Any:
+    """The `[keyring]` settings, or defaults for callers that resolve only four things."""
+    if len(resolved) > 4 and resolved[4] is not None:
+        return resolved[4]
+    return argparse.Namespace(mode="single", credential="edge-keyring", credential_file=None)
+
+
 def _key_file(resolved: Resolved) -> Path:
     path = resolved[0]
     if path is None:
@@ -114,21 +162,78 @@ def _generate(args: argparse.Namespace, resolved: Resolved) -> int:
         raise KeyringError(f"{out}: exists; refusing to overwrite a keyring")
     out.parent.mkdir(parents=True, exist_ok=True)
     ring = Keyring.generate()
-    ring.save(out)
+    save_key_file(ring, out)
     print(f"wrote {out} (mode 0600), current key {ring.current_id}")
+    if _settings(resolved).credential_file is not None:
+        print("next: `edgectl keys install` makes the workers' credential from it")
     return 0
 
 
 def _rotate(args: argparse.Namespace, resolved: Resolved) -> int:
-    kid, count = rotate_keyring(_key_file(resolved), resolved[2])
-    print(f"new current key {kid}; rewrapped {count} files under {resolved[2]}")
-    print("restart or reload workers, then `keys retire` the old key ids")
+    settings = _settings(resolved)
+    if settings.mode == "fleet":
+        why = ("[keyring] mode = \"fleet\": this gateway's ring comes sealed from the KMS, "
+               "which alone makes keys; rotate there and `edgectl keys install` the new ring here")
+        if args.scheduled:  # the timer: a no-op with a log line, not a failed unit each month
+            log.info("key_rotation_skipped", reason=why)
+            print(f"nothing done: {why}", file=sys.stderr)
+            return 0
+        raise KeyringError(f"refusing to make a new key: {why}")
+    cred = settings.credential_file
+    maker = None
+    if cred is not None:
+        tool = credential_tool(args.with_key)
+
+        def maker(ring: Keyring):
+            return make_credential(ring, cred, settings.credential, tool)
+    kid, count = rotate_keyring(_key_file(resolved), resolved[2], maker)
+    print(f"new current key {kid}; rewrapped {count} files under {resolved[2]}"
+          + (f"; credential {cred} refreshed" if cred is not None else ""))
+    print("restart the workers (reload is enough where they read the key file itself), then "
+          "`keys retire` the old key ids")
+    return 0
+
+
+def _install(args: argparse.Namespace, resolved: Resolved) -> int:
+    settings = _settings(resolved)
+    cred = args.credential or settings.credential_file
+    if cred is None:
+        raise KeyringError("no credential file: pass --credential or set [keyring] "
+                           "credential_file (e.g. /etc/edge/keyring.cred)")
+    path = _key_file(resolved)
+    if args.sealed is not None:
+        if args.identity is None:
+            raise KeyringError("installing a sealed ring needs --identity (this gateway's "
+                               "private key)")
+        ring, info = _open_checked(args, resolved)
+    else:
+        ring, info = Keyring.load_file(path), None
+    # Made and checked (decrypted again here) before anything is replaced: a host that cannot
+    # make a credential keeps its key file and credential as they were.
+    pending = make_credential(ring, cred, settings.credential, credential_tool(args.with_key))
+    try:
+        if info is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_key_file(ring, path)
+        else:
+            write_stamp(path, ring)
+    except BaseException:
+        pending.discard()
+        raise
+    pending.commit()
+    print(f"wrote {cred} (credential {settings.credential}, bound to this host with "
+          f"--with-key={args.with_key}) from {path}: current key {ring.current_id}, "
+          f"keys {', '.join(ring.ids())}, digest {digest(ring)}"
+          + (f"; {info.describe()}" if info is not None else ""))
+    print("next: `edgectl keys rewrap` if the current key changed, then "
+          "`systemctl try-restart 'edge-worker@*'` (systemd hands a worker its credential at "
+          "start only: a reload would see the old one)")
     return 0
 
 
 def _rewrap(args: argparse.Namespace, resolved: Resolved) -> int:
     ring = resolved[1]()
-    count = sum(rewrap_bundle(b, ring) for b in bundle_dirs(resolved[2]))
+    count = rewrap_all(resolved[2], ring)
     print(f"rewrapped {count} files under {resolved[2]} with key {ring.current_id}")
     return 0
 
@@ -144,9 +249,27 @@ def _retire(args: argparse.Namespace, resolved: Resolved) -> int:
         return 1
     ring = Keyring.load_file(path)
     ring.retire(args.kid)
-    ring.save(path)
-    print(f"retired {args.kid}; keys left: {', '.join(ring.ids())}")
+    cred = _save_with_credential(ring, path, _settings(resolved), args.with_key)
+    print(f"retired {args.kid}; keys left: {', '.join(ring.ids())}"
+          + (f"; credential {cred} refreshed" if cred is not None else ""))
     return 0
+
+
+def _save_with_credential(ring: Keyring, path: Path, settings: Any, with_key: str) -> Path | None:
+    """Save the key file and, when one is configured, remake its credential in the same step
+    (made and checked first, moved into place last); returns the credential path."""
+    cred = settings.credential_file
+    if cred is None:
+        save_key_file(ring, path)
+        return None
+    pending = make_credential(ring, cred, settings.credential, credential_tool(with_key))
+    try:
+        save_key_file(ring, path)
+    except BaseException:
+        pending.discard()
+        raise
+    pending.commit()
+    return cred
 
 
 def _identity(args: argparse.Namespace, resolved: Resolved) -> int:
@@ -183,7 +306,8 @@ def _read_sealed(path: Path) -> bytes:
         raise KeyringError(f"{path}: cannot read the sealed keyring ({exc.strerror})") from None
 
 
-def _unseal(args: argparse.Namespace, resolved: Resolved) -> int:
+def _open_checked(args: argparse.Namespace, resolved: Resolved):
+    """Open `args.sealed` as `keys unseal` does: pinned signer, recipient, no missing key."""
     # The signature is checked against the pinned signer before anything is decrypted or
     # written; a refused ring leaves the installed key file as it was.
     pin = resolved[3]
@@ -197,7 +321,6 @@ def _unseal(args: argparse.Namespace, resolved: Resolved) -> int:
     if not info.verified:
         print(f"warning: --allow-unsigned: installing a ring nobody vouched for "
               f"({info.describe()})", file=sys.stderr)
-    out = args.out or _key_file(resolved)
     # The fleet ring replaces the local one; a ring that lacks a key some local bundle still
     # needs would leave that bundle unreadable at the next reload, so it is refused.
     missing = sorted(k for k in _usage(resolved[2]) if k not in ring)
@@ -205,10 +328,19 @@ def _unseal(args: argparse.Namespace, resolved: Resolved) -> int:
         raise KeyringError(f"{args.sealed}: the new keyring lacks {', '.join(missing)}, which "
                            f"bundles under {resolved[2]} still need; ship the ring before "
                            f"retiring keys, or rewrap the bundles first")
+    return ring, info
+
+
+def _unseal(args: argparse.Namespace, resolved: Resolved) -> int:
+    ring, info = _open_checked(args, resolved)
+    out = args.out or _key_file(resolved)
     out.parent.mkdir(parents=True, exist_ok=True)
-    ring.save(out)
+    save_key_file(ring, out)
     print(f"wrote {out} (mode 0600), current key {ring.current_id}, keys {', '.join(ring.ids())}"
           f"; {info.describe()}")
+    if _settings(resolved).credential_file is not None:
+        print("the credential is now older than the key file, and workers refuse to start "
+              "until they agree: run `edgectl keys install`", file=sys.stderr)
     return 0
 
 

@@ -168,32 +168,18 @@ class Keyring:
     @classmethod
     def from_sources(cls, credentials_dir: Path | None, file: Path | None,
                      env_value: str | None, credential_name: str = "edge-keyring") -> Keyring:
-        """The first ring found: systemd credential, then key file, then environment value."""
-        tried = []
-        if credentials_dir is not None:
-            cred = Path(credentials_dir) / credential_name
-            if cred.is_file():
-                # systemd owns the access control of $CREDENTIALS_DIRECTORY (ramfs, 0400,
-                # service user only), so its mode is not second-guessed here.
-                try:
-                    return cls.from_json(cred.read_text("utf-8"), str(cred))
-                except OSError as exc:
-                    raise KeyringError(f"{cred}: cannot read credential ({exc.strerror})") from None
-            tried.append(f"credential {cred}")
-        if file is not None:
-            if Path(file).exists():
-                return cls.load_file(Path(file))
-            tried.append(f"key file {file}")
-        if env_value:
-            return cls.from_env_value(env_value)
-        tried.append("environment value")
-        raise KeyringError(f"no keyring found (tried {', '.join(tried)})")
+        """The ring every present source agrees on: systemd credential, key file (or its
+        stamp), environment value; refuses when two disagree (see `keys.delivery.resolve`)."""
+        from keys.delivery import resolve  # delivery builds on Keyring
+
+        return resolve(credentials_dir, file, env_value, credential_name)
 
 
 def load_ring(source: Any) -> Keyring:
-    """The gateway's keyring from its sources, in order: the systemd credential named
-    `source.credential` (in $CREDENTIALS_DIRECTORY), the key file `source.file`, then (for
-    development only, with a warning) the environment variable `source.env`.
+    """The gateway's keyring from its sources: the systemd credential named
+    `source.credential` (in $CREDENTIALS_DIRECTORY), the key file `source.file`, and (for
+    development only, with a warning) the environment variable `source.env`. When more than
+    one is present they must hold the same ring, else KeyringError names both.
 
     `source` is the daemon config's `[keyring]` section (edge.config.KeyringConfig).
     """

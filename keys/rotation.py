@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from keys import _format as fmt
 from keys.bundle import SUFFIX, bundle_dirs
+from keys.delivery import PendingCredential, save_key_file
 from keys.errors import BundleError
 from keys.keyring import Keyring
 
@@ -87,14 +89,62 @@ def bundles_needing(root: Path, kid: str) -> list[Path]:
     return needing
 
 
-def rotate_keyring(ring_path: Path, root: Path) -> tuple[str, int]:
+def check_bundles(root: Path, ring: Keyring) -> int:
+    """Unwrap every file's data key under `ring` (headers only, no chunk is read) before a
+    rotation or a rewrap changes anything; BundleError listing every file that fails.
+    Returns the number of files checked."""
+    bad, count = [], 0
+    for bundle in bundle_dirs(root):
+        files = _encrypted_files(bundle)
+        if not files:
+            bad.append(f"{bundle}: no encrypted files")
+        for path in files:
+            count += 1
+            try:
+                with open(path, "rb") as f:
+                    fmt.unwrap(fmt.read_header(f, str(path)), ring, str(path))
+            except OSError as exc:
+                bad.append(f"{path}: cannot read ({exc.strerror})")
+            except BundleError as exc:
+                bad.append(str(exc))
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise BundleError(f"{len(bad)} bundle file(s) do not open with the keyring, nothing "
+                          f"was changed: {'; '.join(bad[:3])}{more}; fix or remove them first")
+    return count
+
+
+def rewrap_all(root: Path, ring: Keyring) -> int:
+    """Check every bundle under `root`, then rewrap them all under the ring's current key."""
+    check_bundles(root, ring)
+    return sum(rewrap_bundle(b, ring) for b in bundle_dirs(root))
+
+
+def rotate_keyring(ring_path: Path, root: Path,
+                   credential: Callable[[Keyring], PendingCredential] | None = None,
+                   ) -> tuple[str, int]:
     """Add a new current key to the ring file, then rewrap every bundle under `root`.
 
-    The ring is saved before any bundle changes, so at every instant every file is wrapped
-    under some key of the ring on disk; a crash leaves old keys in use, never a lost key.
+    In this order, so that no failure leaves the ring, its credential and the bundles apart:
+    (1) every bundle is checked to open with the ring as it is (one bad file aborts, nothing
+    changed); (2) the new ring's credential is made and checked beside the old one, when
+    `credential` is given (a failure aborts, nothing changed); (3) the key file is saved;
+    (4) the credential is moved into place; (5) the bundles are rewrapped. At every instant
+    every file is wrapped under some key of the ring on disk and of the credential; a crash
+    between (3) and (4) leaves key file and credential disagreeing, which workers refuse
+    (`keys.delivery.resolve`) until `edgectl keys install` remakes the credential.
     Returns the new key id and the number of files rewritten.
     """
     ring = Keyring.load_file(ring_path)
+    check_bundles(root, ring)
     kid = ring.rotate()
-    ring.save(ring_path)
+    pending = credential(ring) if credential is not None else None
+    try:
+        save_key_file(ring, ring_path)
+    except BaseException:
+        if pending is not None:
+            pending.discard()
+        raise
+    if pending is not None:
+        pending.commit()
     return kid, sum(rewrap_bundle(b, ring) for b in bundle_dirs(root))

@@ -20,6 +20,9 @@ command -v mosquitto_pub >/dev/null || need+=(mosquitto-clients)
 command -v espeak-ng >/dev/null || need+=(espeak-ng)
 command -v strace >/dev/null || need+=(strace)
 command -v openssl >/dev/null || need+=(openssl)
+command -v promtool >/dev/null || need+=(prometheus)  # promtool: tests/tooling checks ops/prometheus
+[ -f /usr/include/mosquitto.h ] || need+=(libmosquitto-dev)  # examples/c/device.c
+command -v gcc >/dev/null || need+=(gcc)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -43,5 +46,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/constr
   # optimum-intel pulls a torchvision that cannot load beside this torch; nothing here needs it.
   quiet_pip uninstall -q -y torchvision 2>/dev/null || true
   touch "$stamp"
+fi
+# 3. The Node.js device example's packages (MQTT.js), only where Node.js is installed.
+if command -v npm >/dev/null && { [ ! -f examples/node/node_modules/.package-lock.json ] \
+    || [ examples/node/package-lock.json -nt examples/node/node_modules/.package-lock.json ]; }; then
+  (cd examples/node && npm ci --no-audit --no-fund --loglevel=error)
 fi
 echo "setup: ok"

@@ -20,11 +20,13 @@ Plaintext never touches a disk, by two routes:
 * GPU kernels and their config cannot use a memfd: a memfd has no real path. The GPU plugin
   `realpath()`s `CONFIG_FILE` (a memfd's resolves to `/memfd:name (deleted)`, which nothing can
   open) and reads each kernel as `<config's directory>/<Source filename>`. So they get real
-  paths in a private directory on a RAM file system: a fresh 0700 directory, files 0600, made
-  once per process below `$RUNTIME_DIRECTORY` (systemd's `RuntimeDirectory=`, a tmpfs under /run
-  that systemd removes when the unit stops), else below /dev/shm. A directory that is not on
-  tmpfs or ramfs is refused. tmpfs is RAM, and the units set `MemorySwapMax=0`, so its pages
-  never reach a swap device either; the directory is private to the worker's (dynamic) user.
+  paths in the worker's private runtime directory, and nowhere else (decided 2026-12): a fresh
+  0700 directory, files 0600, made once per process below `$RUNTIME_DIRECTORY` (systemd's
+  `RuntimeDirectory=edge-worker-%i`, mode 0700, a tmpfs under /run that systemd removes when the
+  unit stops). Without `$RUNTIME_DIRECTORY` a bundle with GPU kernels is refused (that bundle
+  only: ExtensionError), and so is a runtime directory that is not on tmpfs or ramfs. tmpfs is
+  RAM, and the units set `MemorySwapMax=0`, so its pages never reach a swap device either; the
+  directory is private to the worker's (dynamic) user. Weights never go there.
   The config is written beside its kernels, its Source filenames rewritten to their names there.
   The plugin reads the config and kernels again on every compile, so the files stay for the
   life of the process (named by content: a reload with the same kernels writes nothing new) and
@@ -128,6 +130,8 @@ class Extensions:
         log.info("extension_added", bundle=bundle.name, library=name, path=path)
 
     def _set_gpu_config(self, bundle: Any, config: str, files: tuple[str, ...]) -> None:
+        with _lock:  # refuse before any kernel is decrypted
+            _kernel_dir or _make_kernel_dir(os.environ)
         kernels = {}
         for name in files:
             data = bundle.read(name)
@@ -252,8 +256,21 @@ def remove_kernel_dir() -> None:
 def _make_kernel_dir(env: Mapping[str, str]) -> dict[str, Any]:
     global _removal_registered
     # systemd sets RUNTIME_DIRECTORY to every RuntimeDirectory= of the unit, colon-separated
-    base = (env.get("RUNTIME_DIRECTORY") or "").split(":")[0] or "/dev/shm"
+    base = (env.get("RUNTIME_DIRECTORY") or "").split(":")[0]
+    if not base:
+        raise ExtensionError("GPU custom operations need the worker's private runtime "
+                             "directory, and $RUNTIME_DIRECTORY is not set: run the worker as "
+                             "edge-worker@.service (RuntimeDirectory=edge-worker-%i, "
+                             "RuntimeDirectoryMode=0700) or set RUNTIME_DIRECTORY to a private "
+                             "0700 directory on tmpfs; decrypted kernels go nowhere else")
     require_ram_fs(base)  # before anything is made there
+    try:
+        mode = os.stat(base).st_mode & 0o777
+    except OSError as exc:
+        raise ExtensionError(f"runtime directory {base}: {exc.strerror}") from exc
+    if mode & 0o077:  # RuntimeDirectoryMode=0700: nobody but the worker's user gets in
+        raise ExtensionError(f"refusing to write decrypted GPU kernels below {base}: its mode "
+                             f"is {mode:04o}, not private (RuntimeDirectoryMode=0700)")
     try:
         path = os.path.realpath(tempfile.mkdtemp(prefix="gpu-kernels-", dir=base))
         os.chmod(path, 0o700)  # mkdtemp's mode, whatever the umask

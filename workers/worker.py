@@ -282,10 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     runtime = perform.Runtime(worker=name, device=args.device, models=models)
     conn = connect(config.redis.for_worker())
     metrics.observe_models(args.device, dict(models.load_seconds), served)
-    metrics.serve(config.worker_metrics_port(args.device))
     worker = EdgeWorker([queue_name(t, args.device) for t in served], runtime=runtime,
                         batching=limits_of(config.tasks), connection=conn,
                         name=name.replace(".", "_"))
+    metrics.serve(config.worker_metrics_port(args.device), live=worker.progress.healthy,
+                  ready={"models": lambda: bool(runtime.models.handlers), "redis": conn.ping})
     log.info("worker_ready", worker=name, queues=[q.name for q in worker.queues])
     reloader = Reloader(config, args.device, runtime)
     signal.signal(signal.SIGHUP, reloader.request)

@@ -23,6 +23,7 @@ from workers.extensions import (
     ExtensionError,
     fs_type,
     gpu_config_text,
+    kernel_file,
     remove_kernel_dir,
     require_ram_fs,
 )
@@ -65,13 +66,16 @@ def gpu_bundle(pack):
 
 
 @pytest.fixture(autouse=True)
-def fresh_kernel_dir(monkeypatch):
-    """Each test starts without a kernel directory and outside systemd (no RUNTIME_DIRECTORY),
-    and leaves nothing in /dev/shm."""
-    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+def runtime_dir(monkeypatch):
+    """Each test starts without a kernel directory, with RUNTIME_DIRECTORY set to a fresh 0700
+    directory on /dev/shm (tmpfs) standing in for systemd's RuntimeDirectory=, and leaves
+    nothing behind."""
+    path = tempfile.mkdtemp(prefix="edge-test-run-", dir="/dev/shm")
+    monkeypatch.setenv("RUNTIME_DIRECTORY", path)
     remove_kernel_dir()
-    yield
+    yield path
     remove_kernel_dir()
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -109,7 +113,8 @@ def _config_file(core: RecordingCore) -> str:
 
 
 def test_gpu_worker_sets_config_file_to_a_real_path_in_a_private_ram_dir(gpu_bundle, ring,
-                                                                          exttest_task):
+                                                                          exttest_task,
+                                                                          runtime_dir):
     exttest_task["compile"] = False
     core = RecordingCore()
 
@@ -120,7 +125,7 @@ def test_gpu_worker_sets_config_file_to_a_real_path_in_a_private_ram_dir(gpu_bun
     # a real path: what the plugin's realpath() gives back is the path itself
     assert os.path.isabs(config_path) and os.path.realpath(config_path) == config_path
     directory = os.path.dirname(config_path)
-    assert os.path.dirname(directory) == os.path.realpath("/dev/shm")  # no RUNTIME_DIRECTORY
+    assert os.path.dirname(directory) == os.path.realpath(runtime_dir)  # $RUNTIME_DIRECTORY
     assert _stat_fs_type(directory) == "tmpfs"
     assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
     assert os.stat(directory).st_uid == os.getuid()
@@ -138,21 +143,59 @@ def test_gpu_worker_sets_config_file_to_a_real_path_in_a_private_ram_dir(gpu_bun
     assert config.find("WorkSizes").get("global") == "X,Y,B*F"
 
 
-def test_kernels_go_below_runtime_directory_when_systemd_sets_it(gpu_bundle, ring, exttest_task,
-                                                                 monkeypatch, shm_dir):
+def _gpu_kernel_dirs() -> set[str]:
+    """Every kernel directory this code could have made in the usual RAM places."""
+    found = set()
+    for base in ("/dev/shm", "/run", tempfile.gettempdir()):
+        try:
+            found |= {os.path.join(base, n) for n in os.listdir(base)
+                      if n.startswith("gpu-kernels-")}
+        except OSError:
+            pass
+    return found
+
+
+def test_gpu_kernels_are_refused_without_a_runtime_directory(gpu_bundle, ring, exttest_task,
+                                                             monkeypatch):
+    # Outside the unit there is no private runtime directory: the bundle with GPU kernels is
+    # refused with a clear reason, nothing is written anywhere, and other bundles still load.
     exttest_task["compile"] = False
-    monkeypatch.setenv("RUNTIME_DIRECTORY", shm_dir)
+    monkeypatch.delenv("RUNTIME_DIRECTORY")
+    root = gpu_bundle()
+    gpu_bundle("plain", ext=None)
+    before = _gpu_kernel_dirs()
+    core = RecordingCore()
+
+    models = _load(root, ring, core, "GPU")
+
+    reason = models.broken[TASK]["gpuop"]
+    assert "RUNTIME_DIRECTORY is not set" in reason and "RuntimeDirectory=" in reason
+    assert TASK in models.handlers  # the bundle without kernels serves
+    assert core.properties == [] and _gpu_kernel_dirs() == before
+    with pytest.raises(ExtensionError, match="RUNTIME_DIRECTORY is not set"):
+        kernel_file("k.cl", KERNEL)
+
+
+def test_cpu_worker_needs_no_runtime_directory(gpu_bundle, ring, exttest_task, monkeypatch):
+    exttest_task["compile"] = False
+    monkeypatch.delenv("RUNTIME_DIRECTORY")
+    core = RecordingCore()
+
+    models = _load(gpu_bundle(), ring, core, "CPU")
+
+    assert models.broken == {} and core.properties == []
+
+
+def test_runtime_directory_others_may_enter_is_refused(gpu_bundle, ring, exttest_task,
+                                                       runtime_dir):
+    exttest_task["compile"] = False
+    os.chmod(runtime_dir, 0o755)
     core = RecordingCore()
 
     models = _load(gpu_bundle(), ring, core, "GPU")
 
-    assert models.broken == {}
-    config_path = _config_file(core)
-    directory = os.path.dirname(config_path)
-    assert os.path.dirname(directory) == os.path.realpath(shm_dir)
-    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
-    [source] = ET.fromstring(_read(config_path)).iter("Source")
-    assert _read(_kernel_as_the_plugin_opens_it(config_path, source.get("filename"))) == KERNEL
+    assert "not private" in models.broken[TASK]["gpuop"]
+    assert core.properties == [] and os.listdir(runtime_dir) == []
 
 
 def test_runtime_directory_on_a_disk_is_refused_and_nothing_is_written(gpu_bundle, ring,

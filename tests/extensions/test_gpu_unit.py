@@ -1,5 +1,6 @@
-"""What the GPU worker's unit gives workers.extensions: a private tmpfs RuntimeDirectory that
-the hardening leaves writable and systemd removes at stop."""
+"""What the worker's unit gives workers.extensions: a private tmpfs RuntimeDirectory (the only
+place GPU kernels may be written) that the hardening leaves writable and systemd removes at
+stop."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ def test_gpu_worker_gets_a_private_runtime_directory_that_nothing_hides():
     worker = _settings(SYSTEMD / "edge-worker@.service")
     gpu = _settings(SYSTEMD / "edge-worker@GPU.service.d/gpu.conf")
 
-    assert gpu["RuntimeDirectory"] == ["edge-worker-%i"]  # one per instance: GPU, GPU.1
-    assert gpu["RuntimeDirectoryMode"] == ["0700"]
     both = {k: worker.get(k, []) + gpu.get(k, []) for k in set(worker) | set(gpu)}
+    # once, in the template: one per instance (GPU, GPU.1), mode 0700
+    assert both["RuntimeDirectory"] == ["edge-worker-%i"]
+    assert both["RuntimeDirectoryMode"] == ["0700"]
     assert "RuntimeDirectoryPreserve" not in both  # removed whenever the worker stops
     assert both["MemorySwapMax"] == ["0"]  # tmpfs pages never reach a swap device
     for key in ("ReadOnlyPaths", "InaccessiblePaths", "TemporaryFileSystem", "BindReadOnlyPaths"):

@@ -81,16 +81,31 @@ def _ring_file(path: Path) -> Keyring:
     return ring
 
 
-def test_sources_prefer_credential_then_file_then_env(tmp_path: Path) -> None:
+def test_sources_that_disagree_are_refused_naming_both(tmp_path: Path) -> None:
+    # A stale credential must not beat a freshly installed key file (nor the other way round).
     creds = tmp_path / "creds"
     creds.mkdir()
     cred = _ring_file(creds / "edge-keyring")
     file = _ring_file(tmp_path / "ring.json")
+    pick = Keyring.from_sources
+    with pytest.raises(KeyringError, match=rf"disagree: credential .*{cred.current_id}.* vs "
+                                           rf"key file .*{file.current_id}"):
+        pick(creds, tmp_path / "ring.json", None)
+    env = Keyring.generate().to_json()
+    with pytest.raises(KeyringError, match="disagree"):
+        pick(None, tmp_path / "ring.json", env)
+
+
+def test_each_source_alone_and_agreeing_sources_load(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    ring = _ring_file(tmp_path / "ring.json")
     env = Keyring.generate().to_json()
     pick = Keyring.from_sources
-    assert pick(creds, tmp_path / "ring.json", env).current_id == cred.current_id
-    assert pick(tmp_path / "none", tmp_path / "ring.json", env).current_id == file.current_id
+    assert pick(tmp_path / "none", tmp_path / "ring.json", None).current_id == ring.current_id
     assert pick(None, tmp_path / "missing.json", env).current_id == json.loads(env)["current"]
+    (creds / "edge-keyring").write_text(ring.to_json())
+    assert pick(creds, tmp_path / "ring.json", ring.to_json()).current_id == ring.current_id
 
 
 def test_credential_name_is_configurable(tmp_path: Path) -> None:

@@ -80,6 +80,8 @@ class SecureMosquitto(LocalService):
         text = text.replace("/var/lib/mosquitto/", f"{self.workdir}/")
         text = re.sub(r"(?m)^listener 8883$", f"listener {self.port} 127.0.0.1", text)
         text += f"\nuser {getpass.getuser()}\nlog_dest stderr\nlog_type all\n"
+        # the shipped file leaves the location to Debian's main mosquitto.conf
+        text += f"persistence_location {self.workdir}/\n"
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(text)
         return [self.binary, "-c", str(conf)]
@@ -104,6 +106,7 @@ class SecureRedis(LocalService):
         text = re.sub(r"(?m)^port 0$", f"port {self.port}", text)
         text = re.sub(r"(?m)^unixsocket .*$", f"unixsocket {self.socket}", text)
         text = re.sub(r"(?m)^dir .*$", f"dir {self.workdir}", text)
+        text = re.sub(r"(?m)^pidfile .*$", f"pidfile {self.workdir}/redis.pid", text)
         text = re.sub(r"(?m)^supervised .*$", "supervised no", text)
         text += f"\nuser admin on >{self.admin_password} ~* &* +@all\n"
         conf = self.workdir / "redis.conf"

@@ -1,10 +1,11 @@
-"""The `superres` task: 4x image super-resolution, fast (residual CNN) or quality (LDM-SR).
+"""The `superres` task: 4x image super-resolution, fast (residual CNN) or quality (LDM-SR),
+or any scale through a user's own model (`generic`, a fast-mode bundle).
 
     handler = load(bundles, core, device)
     response = handler(request, progress)
 
 Params (validated by `edge.tasks`): `mode` fast|quality, `model` (a bundle name; default: the
-first bundle of that mode), `format` png|jpeg|webp, `quality` (jpeg/webp), `compression` (png
+first built-in bundle of that mode, else the first user's own one), `format` png|jpeg|webp, `quality` (jpeg/webp), `compression` (png
 zlib level: 0 is fastest, 1 the default), and for quality mode `steps` and `seed`. Every image
 of a request is answered, in request order.
 
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import openvino as ov
+import structlog
 
 from edge import constants as C
 from edge.errors import BadRequest, ModelUnavailable
@@ -30,9 +32,12 @@ from workers import budget
 from workers.api import BundleLike, DeviceSettings, Media, Progress, Request, Response
 from workers.superres import imageio
 from workers.superres.fast import FastPipeline
+from workers.superres.generic import GenericPipeline, is_generic
 from workers.superres.quality import LdmPipeline
 
-__all__ = ["FastPipeline", "LdmPipeline", "SuperResHandler", "load"]
+__all__ = ["FastPipeline", "GenericPipeline", "LdmPipeline", "SuperResHandler", "load"]
+
+log = structlog.get_logger("workers.superres")
 
 
 def _mode(bundle: BundleLike) -> str:
@@ -44,8 +49,18 @@ def load(bundles: Sequence[BundleLike], core: ov.Core, device: DeviceSettings) -
     pipelines: dict[str, tuple[str, FastPipeline | LdmPipeline]] = {}
     for bundle in bundles:
         mode = _mode(bundle)
-        cls = LdmPipeline if mode == "quality" else FastPipeline
-        pipelines[bundle.name] = (mode, cls.load(bundle, core, device))
+        cls: type[FastPipeline] | type[LdmPipeline] = LdmPipeline if mode == "quality" \
+            else GenericPipeline if is_generic(bundle.manifest.get("settings", {})) \
+            else FastPipeline
+        try:
+            pipelines[bundle.name] = (mode, cls.load(bundle, core, device))
+        except RuntimeError as exc:  # OpenVINO's errors; a tampered file raises otherwise
+            if cls is not GenericPipeline:
+                raise
+            # a user's model that this device cannot compile must not take the built-in
+            # models down with it: it is left out, and asked for, it is `model_unavailable`
+            log.error("superres_model_skipped", bundle=bundle.name, device=device.name,
+                      error=str(exc))
     if not pipelines:
         raise ModelUnavailable("no superres bundle is installed on this device")
     return SuperResHandler(pipelines, device.job_memory)
@@ -67,7 +82,11 @@ class SuperResHandler:
             if found_mode != mode:
                 raise BadRequest(f"model {model!r} is a {found_mode}-mode model, not {mode}")
             return model, pipeline
-        for name, (found_mode, pipeline) in self._pipelines.items():
+        # a user's own model (`prepare superres --from`) answers by default only where no
+        # built-in model of the mode is installed: installing one changes no default answer
+        ordered = sorted(self._pipelines.items(),
+                         key=lambda item: isinstance(item[1][1], GenericPipeline))
+        for name, (found_mode, pipeline) in ordered:
             if found_mode == mode:
                 return name, pipeline
         raise ModelUnavailable(f"no superres model for mode={mode} is installed here")
@@ -88,7 +107,8 @@ class SuperResHandler:
         for i in range(total):
             decoded = imageio.decode_header(pending.popleft())
             out = self._upscale(pipeline, decoded, i, total, params, progress)
-            alpha = imageio.upscale_array(decoded.alpha) if decoded.alpha is not None else None
+            alpha = imageio.upscale_array(decoded.alpha, pipeline.scale) \
+                if decoded.alpha is not None else None
             item = imageio.encode(out, alpha=alpha, grey=decoded.grey,
                                   fmt=params.get("format", "png"),
                                   quality=int(params.get("quality", 90)),
@@ -106,8 +126,9 @@ class SuperResHandler:
         if isinstance(pipeline, LdmPipeline):
             for h in headers:
                 pipeline.check_size(h.height, h.width)
-        need = sum(h.cost + pipeline.working_bytes(h.height, h.width) for h in headers)
-        need += imageio.encoded_bound(headers)
+        need = sum(h.cost_at(pipeline.scale) + pipeline.working_bytes(h.height, h.width)
+                   for h in headers)
+        need += imageio.encoded_bound(headers, pipeline.scale)
         pixels = sum(h.pixels for h in headers)
         budget.check(need, self.job_memory,
                      f"upscaling {len(headers)} image(s) of {pixels / 1e6:.1f} MP in all")

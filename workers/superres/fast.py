@@ -68,7 +68,13 @@ class FastPipeline:
 
     One call at a time (a worker runs one job at a time); tiles of the same shape, from one
     image or several, run concurrently through one infer-request queue per compiled shape.
+
+    Subclasses (`generic.GenericPipeline`) change the scale, the margin, the tile shape (a
+    static model's native one: `fixed` axes are padded up to it, never reshaped), how a tile
+    is fed (`_feed`) and how the model is shaped for a tile (`_shaped`).
     """
+
+    scale: int = SCALE
 
     def __init__(self, model: ov.Model, core: ov.Core, device: DeviceSettings,
                  tile: int = TILE, max_shapes: int = MAX_SHAPES) -> None:
@@ -76,6 +82,10 @@ class FastPipeline:
         self._core = core
         self._device = device
         self.tile = tile
+        self.margin = MARGIN
+        self.tile_shape = (tile, tile)
+        self.fixed = (False, False)  # axes the model cannot be reshaped along
+        self.multiple = 1  # a dynamic axis' size must be divisible by it
         self._max_shapes = max_shapes
         self._compiled: OrderedDict[tuple[int, int], list[ov.InferRequest]] = OrderedDict()
 
@@ -91,35 +101,41 @@ class FastPipeline:
 
     def warm_up(self, height: int, width: int) -> None:
         """Compile the most common shape before the first job."""
-        self._pool((min(height, self.tile), min(width, self.tile)))
+        th, tw = self.tile_shape
+        self._pool((th if self.fixed[0] else min(height, th),
+                    tw if self.fixed[1] else min(width, tw)))
 
     def working_bytes(self, height: int, width: int) -> int:
         """What a call on one image allocates besides its 4x output: the tile copies handed to
         the infer requests and, for an image thinner than the receptive field, its padding."""
-        pad = (height + 2 * MARGIN) * (width + 2 * MARGIN) * 3 if _small_pad((height, width)) \
-            else 0
-        return 2 * self.tile * self.tile * 3 + pad * (1 + SCALE * SCALE)
+        pads = self._pad((height, width))
+        pad = (height + sum(pads[0])) * (width + sum(pads[1])) * 3 if pads else 0
+        th, tw = self.tile_shape
+        return 2 * th * tw * 3 + pad * (1 + self.scale * self.scale)
 
     def __call__(self, images: Sequence[np.ndarray],
                  on_image: Callable[[int], None] | None = None) -> list[np.ndarray]:
         """Upscale every image; `on_image(i)` is called (in this thread) as image i completes."""
-        pads = [_small_pad(img.shape[:2]) for img in images]
+        pads = [self._pad(img.shape[:2]) for img in images]
+        s = self.scale
         if not any(pads):
             return self._upscale(images, on_image)
         padded = [np.pad(img, (*p, (0, 0)), mode="edge") if p else img
                   for img, p in zip(images, pads, strict=True)]
         outputs = self._upscale(padded, on_image)
-        return [out[p[0][0] * SCALE:out.shape[0] - p[0][1] * SCALE,
-                    p[1][0] * SCALE:out.shape[1] - p[1][1] * SCALE] if p else out
+        return [out[p[0][0] * s:out.shape[0] - p[0][1] * s,
+                    p[1][0] * s:out.shape[1] - p[1][1] * s] if p else out
                 for out, p in zip(outputs, pads, strict=True)]
 
     def _upscale(self, images: Sequence[np.ndarray],
                  on_image: Callable[[int], None] | None) -> list[np.ndarray]:
-        outputs = [np.empty((h * SCALE, w * SCALE, 3), np.uint8) for h, w, _ in
+        s = self.scale
+        outputs = [np.empty((h * s, w * s, 3), np.uint8) for h, w, _ in
                    (img.shape for img in images)]
+        th, tw = self.tile_shape
         tiles = [_Tile(i, ys, xs) for i, img in enumerate(images)
-                 for ys in plan_spans(img.shape[0], self.tile)
-                 for xs in plan_spans(img.shape[1], self.tile)]
+                 for ys in plan_spans(img.shape[0], th, self.margin)
+                 for xs in plan_spans(img.shape[1], tw, self.margin)]
         pending = [0] * len(images)
         for t in tiles:
             pending[t.image] += 1
@@ -130,7 +146,7 @@ class FastPipeline:
             # seen to deadlock OpenVINO 2026.4 when a queue is destroyed (openvino PR #37073)
             request.wait()
             _, tile = busy.pop(id(request))
-            _paste(outputs[tile.image], request.get_output_tensor(0).data[0], tile)
+            _paste(outputs[tile.image], self._result(request), tile, s)
             pending[tile.image] -= 1
             if pending[tile.image] == 0 and on_image is not None:
                 on_image(tile.image)
@@ -140,7 +156,7 @@ class FastPipeline:
             if id(request) in busy:
                 collect(request)
             lr = images[t.image][t.y.start:t.y.start + t.y.size, t.x.start:t.x.start + t.x.size]
-            request.start_async({0: np.ascontiguousarray(lr)[None]})
+            request.start_async(self._feed(np.ascontiguousarray(lr)))
             busy[id(request)] = (request, t)
         for request, _ in list(busy.values()):
             collect(request)
@@ -157,36 +173,58 @@ class FastPipeline:
         if shape in self._compiled:
             self._compiled.move_to_end(shape)
             return self._compiled[shape]
-        h, w = shape
-        model = self._model.clone()
-        model.reshape({0: [1, h, w, 3]})
+        th, tw = self.tile_shape
+        model = self._shaped(*shape)
         compiled = self._core.compile_model(model, self._device.name,
                                             dict(self._device.properties))
         n = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self._compiled[shape] = [compiled.create_infer_request() for _ in range(n)]
         while len(self._compiled) > 1 and (len(self._compiled) > self._max_shapes
-                                           or self._area() > COMPILED_TILES * self.tile ** 2):
+                                           or self._area() > COMPILED_TILES * th * tw):
             self._compiled.popitem(last=False)  # idle: every call waits for all it started
         return self._compiled[shape]
 
     def _area(self) -> int:
         return sum(h * w for h, w in self._compiled)
 
+    def _feed(self, lr: np.ndarray) -> dict:
+        """The infer request's inputs for one contiguous (h, w, 3) uint8 low-res tile."""
+        return {0: lr[None]}
 
-def _small_pad(shape: tuple[int, ...]) -> tuple[tuple[int, int], ...] | None:
-    """Edge padding for an image thinner than the receptive field, else None.
+    def _result(self, request: ov.InferRequest) -> np.ndarray:
+        """The finished request's (h * scale, w * scale, 3) uint8 output, valid until the
+        request runs again."""
+        return request.get_output_tensor(0).data[0]
 
-    On such an image the network sees mostly zero padding (a 1x1 grey square rang by 14
-    levels); replicated edges are what the in-graph bicubic assumes anyway.
-    """
-    if min(shape) >= 2 * MARGIN:
-        return None
-    return tuple((MARGIN, MARGIN) if n < 2 * MARGIN else (0, 0) for n in shape)
+    def _shaped(self, height: int, width: int) -> ov.Model:
+        """The model reshaped for one low-res tile shape (compiled by the caller)."""
+        model = self._model.clone()
+        model.reshape({0: [1, height, width, 3]})
+        return model
+
+    def _pad(self, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...] | None:
+        """Edge padding for an image thinner than the receptive field (or, along a fixed axis,
+        than the model's native tile; or along a dynamic one, not a multiple of `multiple`),
+        else None.
+
+        On a thin image the network sees mostly zero padding (a 1x1 grey square rang by 14
+        levels); replicated edges are what the in-graph bicubic assumes anyway.
+        """
+        pads = []
+        for n, size, fixed in zip(shape, self.tile_shape, self.fixed, strict=True):
+            if fixed and n < size:
+                lo = min(self.margin, (size - n) // 2)
+                pads.append((lo, size - n - lo))
+            elif not fixed:
+                lo = hi = self.margin if n < 2 * self.margin else 0
+                pads.append((lo, hi + (-(n + lo + hi)) % self.multiple))
+            else:
+                pads.append((0, 0))
+        return tuple(pads) if any(lo or hi for lo, hi in pads) else None
 
 
-def _paste(out: np.ndarray, result: np.ndarray, tile: _Tile) -> None:
+def _paste(out: np.ndarray, result: np.ndarray, tile: _Tile, s: int) -> None:
     y0, x0 = tile.y.keep_lo - tile.y.start, tile.x.keep_lo - tile.x.start
     y1, x1 = tile.y.keep_hi - tile.y.start, tile.x.keep_hi - tile.x.start
-    out[tile.y.keep_lo * SCALE:tile.y.keep_hi * SCALE,
-        tile.x.keep_lo * SCALE:tile.x.keep_hi * SCALE] = \
-        result[y0 * SCALE:y1 * SCALE, x0 * SCALE:x1 * SCALE]
+    out[tile.y.keep_lo * s:tile.y.keep_hi * s, tile.x.keep_lo * s:tile.x.keep_hi * s] = \
+        result[y0 * s:y1 * s, x0 * s:x1 * s]

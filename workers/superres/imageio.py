@@ -43,26 +43,27 @@ class Decoded:
     notes: tuple[str, ...] = ()
 
 
-def bicubic_x4(image: pyvips.Image) -> pyvips.Image:
-    """The 4x bicubic (Catmull-Rom) upscale with pixel centres aligned, evaluated lazily.
+def bicubic_x4(image: pyvips.Image, scale: int = SCALE) -> pyvips.Image:
+    """The 4x (or `scale`x) bicubic (Catmull-Rom) upscale with pixel centres aligned,
+    evaluated lazily.
 
     Output pixel x samples input position (x + 0.5) / 4 - 0.5, the convention the network's
     two inputs assume; `resize(kernel="cubic")` is off by a fraction of a pixel.
     """
-    offset = (SCALE - 1) / 2
+    offset = (scale - 1) / 2
     return image.affine(
-        [SCALE, 0, 0, SCALE],
+        [scale, 0, 0, scale],
         interpolate=_INTERP,
         odx=offset,
         ody=offset,
-        oarea=[0, 0, image.width * SCALE, image.height * SCALE],
+        oarea=[0, 0, image.width * scale, image.height * scale],
         extend="copy",
     )
 
 
-def upscale_array(pixels: np.ndarray) -> np.ndarray:
+def upscale_array(pixels: np.ndarray, scale: int = SCALE) -> np.ndarray:
     """`bicubic_x4` of a uint8 (H, W[, C]) array, as an array of the same dtype."""
-    out = bicubic_x4(pyvips.Image.new_from_array(pixels)).numpy()
+    out = bicubic_x4(pyvips.Image.new_from_array(pixels), scale).numpy()
     return out if out.ndim == pixels.ndim else out[..., None]
 
 
@@ -89,13 +90,21 @@ class Header:
         """Bytes decoding it and holding its 4x answer take (the model's own buffers aside):
         the decoded pixels (twice: an EXIF rotation turns a copy), their RGB / alpha split,
         the 4x RGB array and the 4x alpha."""
-        bands = 3 + self.alpha
-        return self.pixels * (2 * self.image.bands + bands + SCALE * SCALE * bands)
+        return self.cost_at(SCALE)
 
     @property
     def answer_bytes(self) -> int:
         """The 4x answer's raw pixel bytes (an encoded answer is rarely larger)."""
-        return self.pixels * SCALE * SCALE * (3 + self.alpha)
+        return self.answer_bytes_at(SCALE)
+
+    def cost_at(self, scale: int) -> int:
+        """`cost` for a model that upscales `scale` times."""
+        bands = 3 + self.alpha
+        return self.pixels * (2 * self.image.bands + bands + scale * scale * bands)
+
+    def answer_bytes_at(self, scale: int) -> int:
+        """`answer_bytes` for a model that upscales `scale` times."""
+        return self.pixels * scale * scale * (3 + self.alpha)
 
 
 def decode(data: bytes, max_pixels: int = MAX_INPUT_PIXELS) -> Decoded:
@@ -169,12 +178,13 @@ def _autorot(pixels: np.ndarray, orientation: int) -> np.ndarray:
     return out.reshape(out.shape[0], out.shape[1], pixels.shape[2])
 
 
-def encoded_bound(headers: Sequence[Header]) -> int:
+def encoded_bound(headers: Sequence[Header], scale: int = SCALE) -> int:
     """The most bytes these images' encoded answers make the worker hold: the encoded bytes
     (at most the one-message limit; PNG of incompressible pixels adds a little to the raw
     size), the copy that joins each image's chunks, and the answer's delivery to the outbox
     (measured: the Redis client's packing holds 3x the answer while it is sent)."""
-    raw = sum(h.answer_bytes + h.answer_bytes // 64 + (64 << 10) for h in headers)
+    raw = sum(h.answer_bytes_at(scale) + h.answer_bytes_at(scale) // 64 + (64 << 10)
+              for h in headers)
     return 4 * min(C.MAX_ANSWER_BYTES, raw)
 
 

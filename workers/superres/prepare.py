@@ -1,6 +1,7 @@
 """Build the superres prepared folders (build host: torch, diffusers).
 
     prepare(cache_dir) -> [cache_dir/"sr-fast-x4", cache_dir/"sr-ldm-x4-tiny"]
+    prepare_from(Path("my-model.onnx"), cache_dir) -> cache_dir/"my-model"   (the user's own)
 
 Each folder is written under a temporary name and renamed when complete, so an interrupted run
 leaves nothing that looks finished; a complete folder is returned at once unless `force`.
@@ -37,6 +38,16 @@ def prepare(cache_dir: Path, *, force: bool = False,
 
         out.append(_build(cache_dir / QUALITY, ldm_build.VERSION, force, ldm_build.build_ldm))
     return out
+
+
+def prepare_from(source: Path, cache_dir: Path, *, name: str | None = None, version: str = "1",
+                 force: bool = False, options: Mapping[str, str] = {}) -> Path:
+    """A user's own super-resolution model (IR or ONNX) -> a plaintext prepared folder
+    (`generic_prepare.prepare_from`: the accepted forms and options)."""
+    from workers.superres import generic_prepare
+
+    return generic_prepare.prepare_from(source, cache_dir, name=name, version=version,
+                                        force=force, options=options)
 
 
 def _build(final: Path, version: str, force: bool, builder: Callable[[Path], dict]) -> Path:

@@ -70,6 +70,8 @@ class DdimSchedule:
 class LdmPipeline:
     """Low-res RGB uint8 in, 4x RGB uint8 out, through `steps` DDIM steps of the UNet."""
 
+    scale: int = SCALE
+
     def __init__(self, unet: ov.CompiledModel, decoder: ov.CompiledModel, codebook: np.ndarray,
                  scheduler_config: dict, multiple: int, max_pixels: int) -> None:
         self._unet = unet.create_infer_request()
