@@ -204,8 +204,8 @@ def open_loop(fleet: Fleet, rate: float, seconds: float) -> dict[str, float]:
 
 def drain(daemon: Daemon, n: int = 2000) -> dict[str, float]:
     """The worker alone: `n` jobs from the 50 devices stored straight into Redis the way the
-    agent stores them (no MQTT) while the worker is paused (SIGSTOP, by pid), then timed from
-    its SIGCONT until every one is answered in the outbox: how fast it drains a backlog."""
+    agent stores them (no MQTT) while the workers are paused (SIGSTOP, by pid), then timed
+    from their SIGCONT until every one is answered in the outbox: how fast it drains a backlog."""
     import os
     import signal
 
@@ -222,14 +222,16 @@ def drain(daemon: Daemon, n: int = 2000) -> dict[str, float]:
         route = Route(dev, rid, "tokenize", "envelope", f"edge/results/{dev}/{rid}")
         subs.append(Submission(route=route, params={}, batch=True,
                                text=tuple(rng.sample(TEXTS, rng.randint(1, 3)))))
-    worker = daemon.workers[0].pid
-    os.kill(worker, signal.SIGSTOP)
+    workers = [w.pid for w in daemon.workers]  # ours, by pid
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
     try:
         for sub in subs:
             enq.submit(sub, time.time())
     finally:
         t0 = time.perf_counter()
-        os.kill(worker, signal.SIGCONT)
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
     while daemon.conn.zcard(C.UNANSWERED_KEY):
         time.sleep(0.005)
     elapsed = time.perf_counter() - t0
@@ -237,12 +239,17 @@ def drain(daemon: Daemon, n: int = 2000) -> dict[str, float]:
 
 
 def run_setting(workdir: Path, bundle_root: Path, ring_file: Path, max_batch: int | None,
-                seconds: float, step_seconds: float) -> dict:
+                seconds: float, step_seconds: float, workers: int = 1) -> dict:
     task: dict = {"devices": ["CPU"], "queue_limit": 100000, "device_limit": 10000}
     if max_batch is not None:
         task["max_batch"] = max_batch
     daemon = Daemon(workdir, bundle_root, ring_file, tasks={"tokenize": task},
                     appendfsync=FSYNC).start()
+    for _ in range(workers - 1):  # several workers for one device: `edge-worker --device CPU` again
+        proc = daemon._spawn("workers.worker", "--device", "CPU", log="worker-more.log")
+        daemon.workers.append(proc)
+    while daemon.conn.zcard(C.ALIVE_KEY.format(queue="edge.tokenize.CPU")) < workers:
+        time.sleep(0.2)
     fleet = Fleet(daemon.broker.port)
     try:
         idle(fleet, 10)  # warm-up
@@ -283,6 +290,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=8.0, help="closed-loop window")
     parser.add_argument("--step-seconds", type=float, default=4.0, help="each open-loop rate")
+    parser.add_argument("--workers", type=int, default=1, help="CPU workers (processes)")
     args = parser.parse_args()
     import keys
     from workers.tokenize.prepare import prepare
@@ -301,8 +309,8 @@ def main() -> None:
             for label, mb in settings.items():
                 print(f"round {r + 1}: {label}", flush=True)
                 results[label].append(run_setting(root / f"{r}-{mb}", bundle_root, ring_file, mb,
-                                                  args.seconds, args.step_seconds))
-    print(f"\n{DEVICES} devices, tokenize jobs of 1-3 short texts, one CPU worker, redis "
+                                                  args.seconds, args.step_seconds, args.workers))
+    print(f"\n{DEVICES} devices, tokenize jobs of 1-3 short texts, {args.workers} CPU worker(s), redis "
           f"appendfsync {FSYNC}; medians over {args.rounds} round(s)")
     print(f"{'setting':22} {'idle p50':>8} {'closed jobs/s':>13} {'p50':>6} {'p99':>6} "
           f"{'open best (p99<50)':>18} {'p50':>6} {'p99':>6} {'max open (p99<100)':>18} "
