@@ -1,6 +1,11 @@
 """Whisper tiny.en: ours vs openvino.genai (same IR), fp and INT8; faster-whisper; torch.
 
     .venv/bin/python bench/asr.py [--reps 9] [--threads 2] [--torch]
+    .venv/bin/python bench/asr.py --model base [--reps 9]   # Whisper base multilingual
+
+`--model base` runs the Whisper base bundle (prepared by `prepare_from` from its CTranslate2
+folder, fp16 IR) against openvino.genai on the same IR and faster-whisper int8/float32 on the
+same CT2 weights, every engine told `language=en` (no detection step: like for like).
 
 The engines run in ONE process, alternating (ours, genai, ours-int8, genai-int8, fw-int8,
 fw-float32, ours, ...) with the same thread count (INFERENCE_NUM_THREADS / cpu_threads), so
@@ -50,8 +55,20 @@ def _speech(text: str) -> "object":
         return decode(Path(f.name).read_bytes())
 
 
+MODEL = "tiny.en"  # or "base" (--model)
+
+
+def _base_dir() -> Path:
+    from workers.asr import packaged
+
+    return packaged.base()
+
+
 def _engine(name: str, threads: int):
     folder = PREPARED / ("whisper-tiny.en-int8" if name.endswith("int8") else "whisper-tiny.en")
+    lang: dict = {}
+    if MODEL == "base":
+        folder, lang = PREPARED / "whisper-base", {"language": "en"}
     if name.startswith("ours"):
         import openvino as ov
 
@@ -60,18 +77,21 @@ def _engine(name: str, threads: int):
 
         pipe = WhisperPipeline.load(FolderBundle(folder), ov.Core(),
                                     DeviceSettings("CPU", {"INFERENCE_NUM_THREADS": threads}))
-        return lambda audio: pipe(audio).text
+        return lambda audio: pipe(audio, **lang).text
     if name.startswith("genai"):
         import openvino_genai
 
         pipe = openvino_genai.WhisperPipeline(str(folder), "CPU", INFERENCE_NUM_THREADS=threads)
-        return lambda audio: pipe.generate(audio.tolist(), return_timestamps=True).texts[0]
+        glang = {"language": "<|en|>"} if lang else {}
+        return lambda audio: pipe.generate(audio.tolist(), return_timestamps=True,
+                                           **glang).texts[0]
     if name.startswith("fw-"):  # faster-whisper on the CT2 weights the bundles come from
         from faster_whisper import WhisperModel
 
         from workers.asr.prepare import _ct2_dir
 
-        model = WhisperModel(str(_ct2_dir()), device="cpu", compute_type=name[3:],
+        model = WhisperModel(str(_base_dir() if MODEL == "base" else _ct2_dir()), device="cpu",
+                             compute_type=name[3:],
                              cpu_threads=threads)
 
         def transcribe(audio):  # greedy, no temperature fallback, like the others
@@ -100,12 +120,14 @@ def _engine(name: str, threads: int):
 
 
 ALTERNATED = ("ours", "genai", "ours-int8", "genai-int8", "fw-int8", "fw-float32")
+ALTERNATED_BASE = ("ours", "genai", "fw-int8", "fw-float32")
 
 
 def alternate(reps: int, threads: int) -> dict:
     """Every OpenVINO engine on every clip, rounds alternating engines; times per round."""
     audio = {k: _speech(t) for k, t in CLIPS.items()}
-    runs = {name: _engine(name, threads) for name in ALTERNATED}
+    engines = ALTERNATED_BASE if MODEL == "base" else ALTERNATED
+    runs = {name: _engine(name, threads) for name in engines}
     out: dict = {"load_before": os.getloadavg()}
     for clip, x in audio.items():
         for run in runs.values():
@@ -140,7 +162,7 @@ def child(name: str, reps: int, threads: int) -> None:
 
 def _child(name: str, reps: int, threads: int) -> dict:
     done = subprocess.run([sys.executable, __file__, "--child", name, "--reps", str(reps),
-                           "--threads", str(threads)], capture_output=True, text=True, check=True)
+                           "--threads", str(threads), "--model", MODEL], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -150,13 +172,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--torch", action="store_true", help="add the transformers baseline")
     parser.add_argument("--rss-only", action="store_true", help="peak RSS of our pipeline only")
+    parser.add_argument("--model", choices=("tiny.en", "base"), default="tiny.en")
     parser.add_argument("--child")
     args = parser.parse_args()
+    global MODEL
+    MODEL = args.model
     if args.child:
         return child(args.child, args.reps, args.threads)
-    from workers.asr.prepare import prepare
+    if MODEL == "base":
+        from workers.asr.prepare import prepare_from
 
-    prepare(PREPARED, options={"int8": "1"})
+        prepare_from(_base_dir(), PREPARED, name="whisper-base")
+    else:
+        from workers.asr.prepare import prepare
+
+        prepare(PREPARED, options={"int8": "1"})
     rss = _child("ours", 1, args.threads)["peak_rss_mib"]
     if args.rss_only:
         return print(f"peak RSS, our fp pipeline alone: {rss:.0f} MiB")

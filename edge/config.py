@@ -73,6 +73,8 @@ class TaskConfig:
     # batch_wait_ms for more (0: never idles); max_batch = 1 turns batching off.
     max_batch: int = C.DEFAULT_MAX_BATCH
     batch_wait_ms: int = 0
+    # the model a request without `model` gets; None: the first one installed for the task
+    default_model: str | None = None
 
     @property
     def per_device(self) -> int:
@@ -282,6 +284,7 @@ def _tasks(r: _Reader) -> dict[str, TaskConfig]:
             device_limit=t.opt_int("device_limit", low=1),
             max_batch=t.int("max_batch", C.DEFAULT_MAX_BATCH, low=1, high=C.MAX_BATCH_LIMIT),
             batch_wait_ms=t.int("batch_wait_ms", 0, low=0, high=1000),
+            default_model=t.opt_str("default_model"),
         )
         t.done()
     return out

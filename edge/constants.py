@@ -33,6 +33,11 @@ WAITING_KEY = KEY_PREFIX + "waiting:{queue}"
 ALIVE_KEY = KEY_PREFIX + "alive:{queue}"  # zset: worker name -> last heartbeat (Redis TIME, s)
 WORKER_KEY = KEY_PREFIX + "worker:{worker}"  # JSON: device, models, unavailable
 WATCH_KEY = KEY_PREFIX + "reaper:watched"  # Redis TIME (s) of the last pass of any reaper
+# Model activation (README, "Model versions"): `edgectl models` appends prepare / commit / abort
+# commands to the stream, every worker reads it and answers in the hash, one field per worker
+MODELS_STREAM = KEY_PREFIX + "models:commands"
+MODELS_ACK_KEY = KEY_PREFIX + "models:ack:{id}"
+MODELS_STREAM_MAXLEN = 1000
 QUEUE_NAME = "edge.{task}.{device}"
 
 JOB_FUNCTION = "workers.perform.run"

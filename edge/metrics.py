@@ -37,12 +37,13 @@ _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 
             120, 300, 600)
 
 # -- workers
-JOBS = Counter("edge_jobs", "Jobs a worker finished, by outcome",
-               ("task", "device", "status"), registry=REGISTRY)
+# model / version: the model version that answered ("" when the job failed before one was chosen)
+JOBS = Counter("edge_jobs", "Jobs a worker finished, by outcome and model version",
+               ("task", "device", "status", "model", "version"), registry=REGISTRY)
 QUEUE_WAIT = Histogram("edge_job_queue_wait_seconds", "From receipt by the agent to run start",
                        ("task", "device"), buckets=_BUCKETS, registry=REGISTRY)
-RUN_TIME = Histogram("edge_job_run_seconds", "Run time of a job on its worker",
-                     ("task", "device"), buckets=_BUCKETS, registry=REGISTRY)
+RUN_TIME = Histogram("edge_job_run_seconds", "Run time of a job on its worker, by model version",
+                     ("task", "device", "model", "version"), buckets=_BUCKETS, registry=REGISTRY)
 MODEL_LOAD = Gauge("edge_model_load_seconds", "Decrypt + compile time of a task's bundles",
                    ("task", "device"), registry=REGISTRY)
 MODELS_READY = Gauge("edge_models_ready", "1 when a task's models are compiled on this worker",
@@ -143,12 +144,16 @@ def observe_answer(task: str, device: str, body: Mapping[str, Any]) -> None:
     status = body.get("status", "ok")
     if status == "error":
         status = (body.get("error") or {}).get("code", "internal")
-    JOBS.labels(task, device, status).inc()
+    result = body.get("result")
+    if not isinstance(result, Mapping):
+        result = {}
+    model, version = str(result.get("model", "")), str(result.get("version", ""))
+    JOBS.labels(task, device, status, model, version).inc()
     timings = body.get("timings") or {}
     if "queue_ms" in timings:
         QUEUE_WAIT.labels(task, device).observe(max(timings["queue_ms"], 0.0) / 1000)
     if "run_ms" in timings:
-        RUN_TIME.labels(task, device).observe(max(timings["run_ms"], 0.0) / 1000)
+        RUN_TIME.labels(task, device, model, version).observe(max(timings["run_ms"], 0.0) / 1000)
 
 
 def observe_models(device: str, load_seconds: dict[str, float], served: list[str]) -> None:

@@ -32,7 +32,19 @@ def node_status(conn: redis.Redis, config: Config, online: bool = True) -> dict[
         outbox = 0
     return {"node": config.node, "online": online, "time": round(now, 3),
             "workers": workers, "queues": queues, "outbox": outbox, "redis": redis_memory(conn, config.limits.redis_fill_percent),
-            "devices": sorted({w.get("device") for w in workers.values() if w.get("device")})}
+            "devices": sorted({w.get("device") for w in workers.values() if w.get("device")}),
+            "serving": serving_versions(workers)}
+
+
+def serving_versions(workers: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """`task--name` -> the versions its live workers serve (two during an activation)."""
+    out: dict[str, set[str]] = {}
+    for doc in workers.values():
+        for task, names in (doc.get("versions") or {}).items():
+            for name, state in names.items():
+                if state.get("serving"):
+                    out.setdefault(f"{task}--{name}", set()).add(str(state["serving"]))
+    return {model: sorted(versions) for model, versions in sorted(out.items())}
 
 
 def redis_memory(conn: redis.Redis, fill_percent: int = 100) -> dict[str, Any]:

@@ -133,7 +133,7 @@ TASKS: dict[str, TaskSpec] = {
             media_types=("text/plain",),
             max_items=256,
             params={
-                "model": Param(str, "all-minilm-l6-v2"),
+                "model": Param(str),  # default: the worker's (README, "Model versions")
                 "add_special_tokens": Param(bool, True),
             },
         ),
@@ -143,7 +143,7 @@ TASKS: dict[str, TaskSpec] = {
             bundle="tokenize",
             max_items=256,
             params={
-                "model": Param(str, "all-minilm-l6-v2"),
+                "model": Param(str),  # default: the worker's (README, "Model versions")
                 "skip_special_tokens": Param(bool, False),
             },
         ),
@@ -152,7 +152,7 @@ TASKS: dict[str, TaskSpec] = {
             inputs=("data",),
             media_types=_AUDIO_TYPES,
             params={
-                "model": Param(str, "whisper-tiny.en"),
+                "model": Param(str),  # default: the worker's (README, "Model versions")
                 "language": Param(str, max_len=16),
                 "task": Param(str, "transcribe", choices=("transcribe", "translate")),
                 "initial_prompt": Param(str, max_len=1000),

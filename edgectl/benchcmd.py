@@ -206,11 +206,16 @@ def bench(config: Any, opts: BenchOptions) -> BenchReport:
 
 
 def find_bundle(root: Any, ring: Any, name: str, task: str | None) -> Any:
-    """The one bundle called `name` (or `<task>--<name>`), of `task` when given."""
+    """The one bundle called `name` (or `<task>--<name>`; `@version` for another version than
+    the serving one), of `task` when given."""
     import keys
+    from keys import layout
 
     opened, failed = keys.open_all(root, ring)
+    name, _, version = name.partition("@")
     hits = [b for b in opened if name in (b.name, b.id) and task in (None, b.task)]
+    serving = {(m.task, m.name): m.serving for m in layout.installed(root)}
+    hits = [b for b in hits if b.version == (version or serving.get((b.task, b.name)))]
     if len(hits) == 1:
         return hits[0]
     if hits:

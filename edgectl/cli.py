@@ -8,6 +8,7 @@
     edgectl keys generate|rotate|retire|ls ...              key-encryption keys
     edgectl status                                          node status, devices, queues
     edgectl top [--interval S] [--once]                     live view: tasks, queues, workers, errors
+    edgectl models ls|activate N V|rollback N|remove N V    model versions, no downtime
     edgectl bench BUNDLE [--shape N[..]] [--niter N|--time S] benchmark_app for a bundle's IR
     edgectl install-units [--root DIR] [--bindir DIR]       copy the systemd units (starts nothing)
     edgectl init-gateway [--root DIR] [--node N]            units, groups, /etc/edge, Redis, Mosquitto
@@ -86,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--port", type=int, help="broker port (default: the config's [mqtt] port)")
     p.set_defaults(func=lambda a: __import__("edgectl.top").top.run(
         load_config(a.config), a.interval, a.once, host=a.host, port=a.port))
+    __import__("edgectl.models").models.add_parser(sub)  # edgectl models ls|activate|...
 
     p = sub.add_parser("bench", help="benchmark one IR of an encrypted bundle (benchmark_app)")
     __import__("edgectl.benchcmd").benchcmd.add_arguments(p)
@@ -107,8 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         a.root, a.node, a.bindir, a.tls_name))
 
     from keys.cli import add_subcommands
+    from workers.schema import check as check_manifest
 
-    add_subcommands(sub, lambda: _resolve_keys(parser))
+    add_subcommands(sub, lambda: _resolve_keys(parser), check=check_manifest)
 
     args = parser.parse_args(argv)
     from edge import logs
@@ -302,6 +305,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         except EdgeError as exc:  # a model we cannot serve: say why, no traceback
             print(f"edgectl: {exc.message}", file=sys.stderr)
             return 2
+        except ValueError as exc:  # a checkpoint the task cannot read (asr: CheckpointError)
+            print(f"edgectl: prepare {args.task} --from {args.source}: {exc}", file=sys.stderr)
+            return 2
     else:
         folders = module.prepare(args.cache, force=args.force, options=options)
     for folder in folders:
@@ -310,12 +316,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         return 0
     import keys
     from keys import load_ring
+    from workers.schema import check as check_manifest
 
     config = load_config(args.config)
     ring = load_ring(config.keyring)
     config.bundle_dir.mkdir(parents=True, exist_ok=True)
     for folder in folders:
-        path = keys.pack_bundle(folder, config.bundle_dir, ring)
+        path = keys.pack_bundle(folder, config.bundle_dir, ring, check=check_manifest)
         print(f"packed {path}")
     return 0
 

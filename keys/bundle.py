@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from keys import _format as fmt
+from keys import layout
 from keys._fs import fsync_dir, replace_dir
 from keys.errors import BundleError
 from keys.keyring import Keyring
@@ -181,18 +182,24 @@ def _open_file(bundle: Bundle, name: str) -> BinaryIO:
         raise BundleError(f"{where}: cannot open ({exc.strerror})") from None
 
 
-def verify_bundle(path: Path, ring: Keyring) -> None:
-    """Authenticate every chunk of every file of the bundle at `path`; BundleError if not."""
-    Bundle.open(path, ring).verify()
+# A check of a manifest's task settings: raises BundleError naming the bad key. keys/ knows
+# nothing of tasks: the operator tool passes the tasks' schema (workers/schema.py).
+ManifestCheck = Callable[[dict[str, Any]], None]
+
+
+def verify_bundle(path: Path, ring: Keyring, check: ManifestCheck | None = None) -> None:
+    """Authenticate every chunk of every file of the bundle at `path` (and run `check` on its
+    manifest); BundleError if not."""
+    bundle = Bundle.open(path, ring)
+    if check is not None:
+        check(bundle.manifest)
+    bundle.verify()
 
 
 def bundle_dirs(root: Path) -> list[Path]:
-    """Bundle folders directly under `root` (hidden temp folders of a pack are skipped)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file())
+    """Every bundle folder under `root`: each version of each model (`keys.layout`), flat
+    bundles packed before versions too; hidden temp folders of a pack are skipped."""
+    return layout.bundle_dirs(root)
 
 
 def open_all(root: Path, ring: Keyring) -> tuple[list[Bundle], list[tuple[Path, BundleError]]]:
@@ -212,8 +219,10 @@ Source = Callable[[], BinaryIO]  # opens a plaintext stream for one file
 
 
 def pack_bundle(src_dir: Path, dst_root: Path, ring: Keyring, name: str | None = None, *,
-                chunk_size: int = fmt.DEFAULT_CHUNK_SIZE) -> Path:
-    """Encrypt prepared folder `src_dir` into `dst_root/<task>--<name>`; return that path."""
+                chunk_size: int = fmt.DEFAULT_CHUNK_SIZE,
+                check: ManifestCheck | None = None) -> Path:
+    """Encrypt prepared folder `src_dir` into `dst_root/<task>--<name>/<version>`; return
+    that path."""
     src_dir = Path(src_dir)
     where = src_dir / MANIFEST
     try:
@@ -225,7 +234,8 @@ def pack_bundle(src_dir: Path, dst_root: Path, ring: Keyring, name: str | None =
     if name is not None:
         manifest["name"] = name
     files = {rel: _opener(src_dir / rel) for rel in _plain_files(src_dir)}
-    return write_bundle(manifest, files, Path(dst_root), ring, chunk_size=chunk_size)
+    return write_bundle(manifest, files, Path(dst_root), ring, chunk_size=chunk_size,
+                        check=check)
 
 
 def _plain_files(src_dir: Path) -> list[str]:
@@ -239,20 +249,33 @@ def _opener(path: Path) -> Source:
 
 
 def write_bundle(manifest: dict[str, Any], files: dict[str, Source], dst_root: Path,
-                 ring: Keyring, *, chunk_size: int = fmt.DEFAULT_CHUNK_SIZE) -> Path:
-    """Write a bundle from plaintext streams: into a hidden temp folder, then swapped in."""
+                 ring: Keyring, *, chunk_size: int = fmt.DEFAULT_CHUNK_SIZE,
+                 check: ManifestCheck | None = None) -> Path:
+    """Write a bundle from plaintext streams: into a hidden temp folder, then swapped in
+    (`check` refuses a manifest first)."""
     for key in ("name", "task", "version"):
         if key not in manifest:
             raise BundleError(f"{MANIFEST}: prepared manifest lacks {key!r}")
     task, name = str(manifest["task"]), str(manifest["name"])
+    version = str(manifest["version"])
     for part in (task, name):
         if not _COMPONENT.match(part):
             raise BundleError(f"{MANIFEST}: {part!r} is not a safe task/bundle name")
+    try:
+        layout.check_version(version)
+    except BundleError as exc:
+        raise BundleError(f"{MANIFEST}: version: {exc}") from None
     manifest = {**manifest, "settings": manifest.get("settings", {}), "format": FORMAT,
                 "files": sorted(files)}
-    final = dst_root / bundle_id(task, name)
+    if check is not None:
+        check(manifest)
+    model_dir = dst_root / bundle_id(task, name)
     dst_root.mkdir(parents=True, exist_ok=True)
-    tmp = dst_root / f".{final.name}.tmp-{secrets.token_hex(4)}"
+    layout.unflatten(model_dir)  # a bundle packed before versions moves to <its version>/
+    model_dir.mkdir(exist_ok=True)
+    _pin_serving(model_dir, version)
+    final = model_dir / version
+    tmp = model_dir / f".{version}.tmp-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
         _write_files(tmp, manifest, files, ring, chunk_size)
@@ -260,10 +283,21 @@ def write_bundle(manifest: dict[str, Any], files: dict[str, Source], dst_root: P
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_dir(dst_root)
+    fsync_dir(model_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _pin_serving(model_dir: Path, version: str) -> None:
+    """Installing a new version must not make it serve: without a serving file the highest
+    version would, so the one serving now is written down first (`edgectl models activate`
+    switches)."""
+    if layout.read_serving(model_dir):
+        return
+    have = layout.version_dirs(model_dir)
+    if have and version not in have:
+        layout.write_serving(model_dir, [max(have, key=layout.version_key)])
 
 
 def _write_files(tmp: Path, manifest: dict[str, Any], files: dict[str, Source],

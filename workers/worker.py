@@ -30,6 +30,7 @@ from keys import load_ring
 from workers import perform
 from workers.batching import Batcher, BatchLimit, limits_of
 from workers.extensions import prune_kernel_files
+from workers.lifecycle import ModelControl
 from workers.model_store import build_models
 
 log = structlog.get_logger("workers.worker")
@@ -181,7 +182,8 @@ class EdgeWorker(SimpleWorker):
         doc = {"name": self.name, "device": self.runtime.device, "pid": os.getpid(),
                "host": socket.gethostname(), "models": {t: list(m) for t, m in ms.models.items()},
                "unavailable": dict(ms.unavailable),
-               "load_seconds": {t: round(s, 3) for t, s in ms.load_seconds.items()}}
+               "load_seconds": {t: round(s, 3) for t, s in ms.load_seconds.items()},
+               "versions": ms.versions()}  # bundle task -> name -> serving, loaded
         alive.beat(self.connection, self.name, [q.name for q in self.queues], doc)
 
     def _withdraw(self) -> None:
@@ -201,7 +203,7 @@ class Reloader:
 
     def __init__(self, config: Config, device: str, runtime: perform.Runtime) -> None:
         self.config, self.device, self.runtime = config, device, runtime
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()  # shared with ModelControl: one rebuild at a time
 
     def request(self, *_: object) -> None:
         threading.Thread(target=self.reload, name="reload", daemon=True).start()
@@ -209,7 +211,7 @@ class Reloader:
     def reload(self) -> bool:
         import keys
 
-        with self._lock:
+        with self.lock:
             log.info("reload_started")
             sdnotify.reloading("recompiling bundles with the new keyring")
             try:
@@ -290,11 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     log.info("worker_ready", worker=name, queues=[q.name for q in worker.queues])
     reloader = Reloader(config, args.device, runtime)
     signal.signal(signal.SIGHUP, reloader.request)
+    control = ModelControl(config, args.device, runtime, conn, worker.name, reloader.lock).start()
     watchdog = sdnotify.Watchdog(worker.progress.healthy).start()
     sdnotify.ready(f"serving {', '.join(served)} on {args.device}")
     try:
         worker.work(burst=args.burst, logging_level="WARNING")
     finally:
+        control.stop()
         watchdog.stop()
     return 0
 

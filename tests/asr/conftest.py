@@ -47,6 +47,27 @@ def prepared() -> Path:
 
 
 @pytest.fixture(scope="session")
+def base_prepared() -> Path:
+    """Whisper base multilingual (CT2, from its PyPI packages) prepared through the CLI path,
+    `edgectl prepare asr --from DIR --no-pack`; reused across runs while its source is unchanged."""
+    from edgectl import cli
+    from workers.asr import packaged
+
+    source = packaged.base()  # joins the two model.bin parts once, under ~/.cache
+    code = cli.main(["prepare", "asr", "--from", str(source), "--no-pack",
+                     "--cache", str(PREPARED)])
+    assert code == 0
+    return PREPARED / "whisper-base"
+
+
+@pytest.fixture(scope="session")
+def base_pipeline(base_prepared: Path):
+    from workers.asr.pipeline import WhisperPipeline
+
+    return WhisperPipeline.load(FolderBundle(base_prepared), ov.Core(), F32)
+
+
+@pytest.fixture(scope="session")
 def pipeline(prepared: Path):
     from workers.asr.pipeline import WhisperPipeline
 
@@ -55,18 +76,20 @@ def pipeline(prepared: Path):
 
 @pytest.fixture(scope="session")
 def speak(tmp_path_factory):
-    """speak(text) -> WAV bytes from espeak-ng (22.05 kHz mono s16)."""
+    """speak(text, voice="en-us", speed=175) -> WAV bytes from espeak-ng (22.05 kHz mono s16)."""
     if shutil.which("espeak-ng") is None:
         pytest.fail("espeak-ng is missing: apt-get install -y espeak-ng")
     folder = tmp_path_factory.mktemp("speech")
     cache: dict[str, bytes] = {}
 
-    def make(text: str) -> bytes:
-        if text not in cache:
+    def make(text: str, voice: str = "en-us", speed: int = 175) -> bytes:
+        key = f"{voice}/{speed}/{text}"
+        if key not in cache:
             path = folder / f"{len(cache)}.wav"
-            subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(path), text], check=True)
-            cache[text] = path.read_bytes()
-        return cache[text]
+            subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(path), text],
+                           check=True)
+            cache[key] = path.read_bytes()
+        return cache[key]
 
     return make
 

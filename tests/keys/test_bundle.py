@@ -33,7 +33,7 @@ def test_manifest_keeps_prepared_fields_and_lists_files(packed: Path, ring: Keyr
     assert (bundle.name, bundle.task, bundle.version) == ("tiny", "asr", "1")
     assert bundle.manifest["settings"] == {"beam": 1}
     assert bundle.manifest["format"] == "edge-bundle/1"
-    assert packed.name == "asr--tiny"
+    assert (packed.parent.name, packed.name) == ("asr--tiny", "1")  # <task>--<name>/<version>
     assert bundle.path == packed
 
 
@@ -57,7 +57,7 @@ def test_same_name_in_two_tasks_gives_two_bundles(tmp_path: Path, ring: Keyring)
 def test_name_argument_overrides_manifest_name(tmp_path: Path, ring: Keyring) -> None:
     src = make_prepared(tmp_path, {"m.xml": b"<a/>"})
     path = pack_bundle(src, tmp_path / "out", ring, name="renamed")
-    assert path.name == "asr--renamed" and Bundle.open(path, ring).name == "renamed"
+    assert path.parent.name == "asr--renamed" and Bundle.open(path, ring).name == "renamed"
 
 
 def test_repack_replaces_existing_bundle(tmp_path: Path, ring: Keyring) -> None:
@@ -68,6 +68,7 @@ def test_repack_replaces_existing_bundle(tmp_path: Path, ring: Keyring) -> None:
     assert first == second
     assert Bundle.open(second, ring).read("m.xml") == b"<new/>"
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["asr--tiny"]
+    assert [p.name for p in (tmp_path / "out" / "asr--tiny").iterdir()] == ["1"]
 
 
 def test_unsafe_bundle_name_is_refused(tmp_path: Path, ring: Keyring) -> None:
@@ -83,9 +84,9 @@ def test_verify_accepts_a_good_bundle(packed: Path, ring: Keyring) -> None:
 def test_open_all_reports_bad_bundles_without_raising(packed: Path, ring: Keyring,
                                                       tmp_path: Path) -> None:
     src = make_prepared(tmp_path, {"m.xml": b"<a/>"}, name="other")
-    other = pack_bundle(src, packed.parent, ring)
+    other = pack_bundle(src, packed.parent.parent, ring)
     (other / "m.xml.enc").unlink()
-    good, bad = open_all(packed.parent, ring)
+    good, bad = open_all(packed.parent.parent, ring)
     assert [b.path for b in good] == [packed]
     assert [p for p, _ in bad] == [other] and "missing" in str(bad[0][1])
 

@@ -39,7 +39,7 @@ def test_operator_workflow(cli, tmp_path: Path, capsys) -> None:
     assert run("bundle", "verify") == 0
     assert run("keys", "rotate") == 0
     assert run("keys", "retire", first) == 0
-    assert run("bundle", "verify", str(root / "asr--tiny")) == 0
+    assert run("bundle", "verify", str(root / "asr--tiny" / "1")) == 0
     assert run("bundle", "ls") == 0
     assert run("keys", "ls") == 0
     out = capsys.readouterr()
@@ -67,10 +67,10 @@ def test_verify_failure_exits_1_with_one_line(cli, tmp_path: Path, capsys) -> No
     run, ring_path, root = cli
     run("keys", "generate")
     run("bundle", "pack", str(make_prepared(tmp_path, {"m.bin": os.urandom(300)})))
-    enc = root / "asr--tiny" / "m.bin.enc"
+    enc = root / "asr--tiny" / "1" / "m.bin.enc"
     raw = bytearray(enc.read_bytes())
     raw[-1] ^= 1
     enc.write_bytes(bytes(raw))
-    assert run("bundle", "verify", str(root / "asr--tiny")) == 1
+    assert run("bundle", "verify", str(root / "asr--tiny" / "1")) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "m.bin.enc" in err[0]

@@ -38,8 +38,8 @@ def test_tampered_bundles_are_unavailable_by_name_and_the_others_serve(private_k
     root, ring_path = private_keys
     # A flipped bit in the weights is found only when chunks are decrypted (during the task's
     # load); an edited bundle.json is found when the bundle is opened. Both paths are covered.
-    _flip(root / "tokenize--clip-vit-b32" / "tokenizer_special.bin.enc", -100)
-    manifest = root / "tokenize--whisper-tiny.en" / "bundle.json"
+    _flip(next((root / "tokenize--clip-vit-b32").glob("*/tokenizer_special.bin.enc")), -100)
+    manifest = next((root / "tokenize--whisper-tiny.en").glob("*/bundle.json"))
     manifest.write_text(manifest.read_text().replace('"version": "', '"version": "9'))
 
     models = _load(root, ring_path)
@@ -62,7 +62,7 @@ def test_worker_whose_only_task_is_all_broken_exits_with_a_clear_message(private
                                                                          tmp_path):
     root, ring_path = private_keys
     for bundle in root.iterdir():
-        _flip(next(bundle.glob("tokenizer_plain.bin.enc")), -1)
+        _flip(next(bundle.rglob("tokenizer_plain.bin.enc")), -1)
     config = write_config(tmp_path / "edge.toml", node="gw", mqtt_port=1, bundle_dir=root,
                           redis_url="redis://127.0.0.1:1/0", keyring_file=ring_path,
                           tasks={"tokenize": {"devices": ["CPU"]}})

@@ -58,11 +58,21 @@ def _resolve(dirfd: str | None, path: str, cwd: Path) -> Path:
     return Path(path) if path.startswith("/") else Path(dirfd or cwd) / path
 
 
+def _same_device(path: Path, device: int) -> bool:
+    try:
+        return path.lstat().st_dev == device
+    except OSError:
+        return False
+
+
 def _new_files(root: Path, since: float, skip: Path | None = None) -> list[Path]:
     found = []
+    device = root.stat().st_dev
     for dirpath, dirnames, filenames in os.walk(root):
         if skip is not None and Path(dirpath) == skip.parent:
             dirnames[:] = [d for d in dirnames if Path(dirpath) / d != skip]
+        # another filesystem mounted below (a container's /proc, a tmpfs) is not the disk
+        dirnames[:] = [d for d in dirnames if _same_device(Path(dirpath) / d, device)]
         for name in filenames:
             path = Path(dirpath) / name
             try:

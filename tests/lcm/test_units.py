@@ -111,3 +111,72 @@ def test_runtime_modules_do_not_import_torch():
             "bad = [m for m in ('torch', 'transformers', 'diffusers', 'PIL') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_kohya_names_give_the_module_path_merge_finds():
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    a = np.ones((2, 3), np.float32)
+    b = np.ones((4, 2), np.float32)
+    base = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"
+    tensors = {f"{base}.lora_down.weight": a, f"{base}.lora_up.weight": b,
+               f"{base}.alpha": np.array(1.0, np.float32)}
+    parsed = lora.read_safetensors(_safetensors(tensors, dict.fromkeys(tensors, "F32")))
+    deltas = lora.lora_deltas(parsed)
+    assert list(deltas) == ["down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"]
+    np.testing.assert_allclose(deltas[next(iter(deltas))], np.full((4, 3), 1.0, np.float32))
+    # a model whose weight Constant carries the dotted module path, as optimum names it
+    x = ops.parameter([1, 3], np.float32, name="x")
+    weight = ops.constant(np.zeros((4, 3), np.float32))
+    weight.set_friendly_name("self.model.down_blocks.0.attentions.0.transformer_blocks.0."
+                             "attn1.to_out.0.weight")
+    model = ov.Model([ops.matmul(x, weight, False, True)], [x])
+    merged = lora.merge(model, deltas, 0.5)
+    (const,) = [op for op in merged.get_ops() if op.get_type_name() == "Constant"
+                and op.get_friendly_name().endswith("to_out.0.weight")]
+    np.testing.assert_allclose(const.get_data(), np.full((4, 3), 0.5, np.float32))
+
+
+def test_text_encoder_lora_is_refused_not_ignored():
+    a = np.ones((2, 3), np.float32)
+    tensors = {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": a,
+               "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": a.T.copy()}
+    parsed = lora.read_safetensors(_safetensors(tensors, dict.fromkeys(tensors, "F32")))
+    with pytest.raises(lora.LoraError, match="text encoder"):
+        lora.lora_deltas(parsed)
+
+
+def test_lora_merges_into_fp16_compressed_weights():
+    """fp16 exports hold `<name>_compressed` (f16) -> Convert `<name>`: the merge reads the f16
+    weight, adds the delta in f32 and feeds the layer an f32 Constant."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    name = "self.model.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    base = np.arange(12, dtype=np.float32).reshape(4, 3) / 7
+    compressed = ops.constant(base.astype(np.float16))
+    compressed.set_friendly_name(name + "_compressed")
+    weight = ops.convert(compressed, "f32")
+    weight.set_friendly_name(name)
+    x = ops.parameter([1, 3], np.float32, name="x")
+    model = ov.Model([ops.matmul(x, weight, False, True)], [x])
+    delta = np.full((4, 3), 1e-3, np.float32)
+    merged = lora.merge(model, {"mid_block.attentions.0.transformer_blocks.0.attn1.to_q": delta},
+                        2.0)
+    (const,) = [op for op in merged.get_ops() if op.get_friendly_name() == name]
+    assert const.get_type_name() == "Constant" and const.get_data().dtype == np.float32
+    np.testing.assert_array_equal(const.get_data(),
+                                  base.astype(np.float16).astype(np.float32) + 2e-3 * 1)
+    assert not [op for op in merged.get_ops() if op.get_type_name() == "Convert"]
+
+
+@pytest.mark.parametrize("extra", ["lora_unet_mid_block_attentions_0_proj_in.dora_scale",
+                                   "lora_unet_mid_block_attentions_0_proj_in.hada_w1_a"])
+def test_lora_files_with_tensors_the_merge_cannot_apply_are_refused(extra):
+    a = np.ones((2, 3), np.float32)
+    tensors = {"lora_unet_conv_in.lora_down.weight": a,
+               "lora_unet_conv_in.lora_up.weight": a.T.copy(), extra: a}
+    parsed = lora.read_safetensors(_safetensors(tensors, dict.fromkeys(tensors, "F32")))
+    with pytest.raises(lora.LoraError, match="does not apply"):
+        lora.lora_deltas(parsed)

@@ -36,6 +36,7 @@ from tests.ops.secure import (
     wait_for,
     write_secrets,
 )
+from workers.tokenize.prepare import VERSION as TOKENIZER_VERSION
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -271,7 +272,8 @@ def test_worker_redis_user_cannot_flush_configure_or_list_keys(gateway):
 
 def test_metrics_of_agent_and_worker_move_after_a_job(gateway):
     agent_port, worker_port = gateway.metrics_port, gateway.metrics_port + 1
-    ok = ("edge_jobs_total", (("device", "CPU"), ("status", "ok"), ("task", "tokenize")))
+    ok = ("edge_jobs_total", (("device", "CPU"), ("model", "all-minilm-l6-v2"), ("status", "ok"),
+                              ("task", "tokenize"), ("version", TOKENIZER_VERSION)))
     sub = ("edge_jobs_submitted_total", (("device", "CPU"), ("task", "tokenize")))
     e2e = ("edge_job_end_to_end_seconds_count", (("status", "ok"), ("task", "tokenize")))
     before_w, before_a = gateway.scrape(worker_port), gateway.scrape(agent_port)
@@ -279,7 +281,9 @@ def test_metrics_of_agent_and_worker_move_after_a_job(gateway):
         assert dev.request("tokenize", text="count me", timeout=30).ok
     after_w = gateway.scrape(worker_port)
     assert after_w[ok] == before_w.get(ok, 0) + 1
-    assert after_w[("edge_job_run_seconds_count", (("device", "CPU"), ("task", "tokenize")))] >= 1
+    assert after_w[("edge_job_run_seconds_count", (("device", "CPU"), ("model", "all-minilm-l6-v2"),
+                                                   ("task", "tokenize"),
+                                                   ("version", TOKENIZER_VERSION)))] >= 1
     assert after_w[("edge_models_ready", (("device", "CPU"), ("task", "tokenize")))] == 1
     assert after_w[("edge_model_load_seconds", (("device", "CPU"), ("task", "tokenize")))] > 0
     after_a = wait_for(lambda: (s := gateway.scrape(agent_port)).get(e2e, 0) > before_a.get(e2e, 0)

@@ -9,6 +9,7 @@ variable a NUL-terminated name, its shape, a dtype id and the raw bytes; then al
 * `proj_out` is an alias of the token embeddings.
 
 Hugging Face's K projections have no bias: CT2 stores zeros there, which `to_hf` checks.
+`build_hf` writes the whole Hugging Face folder (weights, tokenizer, configs) from a CT2 one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -168,3 +170,117 @@ def config_values(model: Ct2Model) -> dict[str, int]:
         "max_source_positions": int(v["encoder/position_encodings/encodings"].shape[0]),
         "max_target_positions": int(v["decoder/position_encodings/encodings"].shape[0]),
     }
+
+
+def build_hf(src: Path, out: Path) -> None:
+    """A Hugging Face Whisper checkpoint (+ tokenizer, feature extractor, generation config)
+    from a CT2 folder; every special id, language and suppress list read from the folder."""
+    import json
+
+    import torch
+    import transformers
+
+    from workers.asr.checkpoint import CheckpointError, is_multilingual, special_ids
+
+    try:
+        model = read_ct2(src / "model.bin")
+    except (ValueError, struct.error) as exc:
+        raise CheckpointError(f"{src / 'model.bin'}: not a CTranslate2 model ({exc})") from None
+    if model.spec != "WhisperSpec":
+        raise CheckpointError(f"{src / 'model.bin'} is a CTranslate2 {model.spec}, not Whisper")
+    weight = model.variables["decoder/embeddings/weight"]
+    if weight.dtype.kind != "f" or any(n.endswith("weight_scale") for n in model.variables):
+        raise CheckpointError(f"{src / 'model.bin'} holds quantized weights ({weight.dtype}); "
+                              "give a float16 or float32 conversion (ct2-transformers-converter "
+                              "--quantization float16) or the Hugging Face folder")
+    card = json.loads((src / "config.json").read_text())
+    for key in ("suppress_ids", "suppress_ids_begin"):
+        if key not in card:
+            raise CheckpointError(f"{src / 'config.json'} lacks {key!r} (CTranslate2's Whisper "
+                                  "converter writes it)")
+    sizes = config_values(model)
+    tokenizer, vocab = hf_tokenizer(src, sizes["vocab_size"])
+    ids = special_ids(vocab, {})
+    multilingual = is_multilingual(sizes["vocab_size"], {})
+    lang_to_id = {vocab[i]: i for i in card.get("lang_ids", [])} if multilingual else {}
+    # transformers 5 configs are dataclasses made by huggingface_hub's @strict at runtime, which
+    # type checkers do not see: mypy knows only PreTrainedConfig's fields
+    config = transformers.WhisperConfig(  # type: ignore[call-arg]  # see above
+        **sizes,  # type: ignore[arg-type]  # see above: matched against the base's fields
+        bos_token_id=ids["eot"], eos_token_id=ids["eot"], pad_token_id=ids["eot"],
+        decoder_start_token_id=ids["sot"], suppress_tokens=card["suppress_ids"],
+        begin_suppress_tokens=card["suppress_ids_begin"], tie_word_embeddings=True)
+    hf = transformers.WhisperForConditionalGeneration(config)
+    state = {k: torch.from_numpy(v) for k, v in to_hf(model).items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if unexpected or set(missing) != {"proj_out.weight"}:
+        raise CheckpointError(f"CT2 mapping: missing {missing}, unexpected {unexpected}")
+    hf.tie_weights()
+    hf.generation_config = generation_config(
+        ids, card["suppress_ids"], card["suppress_ids_begin"], card.get("alignment_heads"),
+        multilingual=multilingual, lang_to_id=lang_to_id)
+    hf.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if (src / "preprocessor_config.json").is_file():  # large-v3 folders carry theirs (128 mels)
+        import shutil
+
+        shutil.copy(src / "preprocessor_config.json", out / "preprocessor_config.json")
+    else:
+        transformers.WhisperFeatureExtractor(
+            feature_size=sizes["num_mel_bins"]).save_pretrained(out)
+
+
+def hf_tokenizer(src: Path, vocab_size: int) -> tuple[Any, list[str]]:
+    """The folder's tokenizer.json completed to `vocab_size` tokens, and its id -> token list.
+
+    CT2 folders' tokenizer.json usually lacks the timestamp tokens; they are added from the
+    folder's vocabulary (vocabulary.txt / .json lists every id), else generated after
+    `<|notimestamps|>` (`<|0.00|>`, `<|0.02|>`, ...).
+    """
+    import json
+
+    import tokenizers
+    from transformers import WhisperTokenizer  # the fast one (WhisperTokenizerFast: an alias)
+
+    from workers.asr.checkpoint import SPECIAL, CheckpointError, timestamp_tokens
+
+    tok = tokenizers.Tokenizer.from_file(str(src / "tokenizer.json"))
+    have = tok.get_vocab_size(with_added_tokens=True)
+    listed: list[str] | None = None
+    if (src / "vocabulary.json").is_file():
+        listed = json.loads((src / "vocabulary.json").read_text("utf-8"))
+    elif (src / "vocabulary.txt").is_file():
+        listed = (src / "vocabulary.txt").read_text("utf-8").split("\n")[:vocab_size]
+    if listed is not None and len(listed) != vocab_size:
+        raise CheckpointError(f"{src}: the vocabulary lists {len(listed)} tokens, the weights "
+                              f"have {vocab_size}")
+    if tok.id_to_token(have - 1) != SPECIAL["notimestamps"][0] and have < vocab_size:
+        raise CheckpointError(f"{src / 'tokenizer.json'} has {have} tokens, the weights "
+                              f"{vocab_size}, and does not end with <|notimestamps|>")
+    tail = listed[have:] if listed is not None else timestamp_tokens(vocab_size - have)
+    tok.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False) for t in tail])
+    vocab = [tok.id_to_token(i) for i in range(vocab_size)]
+    if listed is not None and vocab != listed:
+        bad = next(i for i, (a, b) in enumerate(zip(vocab, listed, strict=True)) if a != b)
+        raise CheckpointError(f"{src}: tokenizer.json and the vocabulary disagree at id {bad} "
+                              f"({vocab[bad]!r} vs {listed[bad]!r})")
+    eot = SPECIAL["eot"][0]
+    return WhisperTokenizer(tokenizer_object=tok, unk_token=eot, bos_token=eot, eos_token=eot,
+                            pad_token=eot), vocab
+
+
+def generation_config(ids: Mapping[str, int], suppress: list[int], begin_suppress: list[int],
+                      alignment_heads: Any, *, multilingual: bool,
+                      lang_to_id: Mapping[str, int]) -> Any:
+    """The generation config transformers and openvino.genai read for Whisper."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=ids["eot"], eos_token_id=ids["eot"], pad_token_id=ids["eot"],
+        decoder_start_token_id=ids["sot"], suppress_tokens=list(suppress),
+        begin_suppress_tokens=list(begin_suppress), max_length=448,
+        no_timestamps_token_id=ids["notimestamps"], prev_sot_token_id=ids["startofprev"],
+        max_initial_timestamp_index=50, is_multilingual=multilingual,
+        lang_to_id=dict(lang_to_id), task_to_id={"translate": ids["translate"],
+                                                 "transcribe": ids["transcribe"]},
+        alignment_heads=alignment_heads, return_timestamps=False)

@@ -111,11 +111,23 @@ class LCMPipeline:
         height = height or int(self.settings["default_height"])
         ids, tokens = self.tokenize(prompt)
         embeds = self._text_encoder(ids)[0]
+        uncond = (self._text_encoder(self.tokenize("")[0])[0]
+                  if self.uses_cfg(guidance_scale) else None)
         denoised = self.denoise(embeds, steps=steps, seed=seed, guidance_scale=guidance_scale,
                                 width=width, height=height, lora=lora, lora_weight=lora_weight,
-                                noise=noise, on_step=on_step)
+                                noise=noise, on_step=on_step, uncond_embeds=uncond)
         pixels = self.decode(denoised)
         return LCMResult(pixels, tokens > self.settings["max_tokens"], tokens)
+
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        """Whether a step runs the UNet twice (classifier-free guidance).
+
+        An LCM-distilled UNet takes the guidance scale as an embedding (`timestep_cond`) and
+        never needs CFG. A plain SD UNet with an LCM-LoRA fused in has no such input: like
+        diffusers' StableDiffusionPipeline with an LCMScheduler, it runs CFG when the scale is
+        above 1 (LCM-LoRA wants 1 = off, or up to 2).
+        """
+        return not self.settings.get("time_cond_proj_dim") and guidance_scale > 1.0
 
     def tokenize(self, prompt: str) -> tuple[np.ndarray, int]:
         """CLIP ids [1, 77] (truncated like HF: first 76 tokens + EOS, EOS-padded), token count."""
@@ -134,20 +146,29 @@ class LCMPipeline:
     def denoise(self, embeds: np.ndarray, *, steps: int, seed: int, guidance_scale: float,
                 width: int, height: int, lora: str | None = None, lora_weight: float = 1.0,
                 noise: Sequence[np.ndarray] | None = None,
-                on_step: StepHook | None = None) -> np.ndarray:
-        """The LCM multistep loop; returns the final denoised latents [1, C, h, w]."""
+                on_step: StepHook | None = None,
+                uncond_embeds: np.ndarray | None = None) -> np.ndarray:
+        """The LCM multistep loop; returns the final denoised latents [1, C, h, w].
+
+        `uncond_embeds` (the empty prompt's) turns on classifier-free guidance (see `uses_cfg`).
+        """
         scale = int(self.settings["vae_scale_factor"])
         shape = (1, int(self.settings["latent_channels"]), height // scale, width // scale)
         draws = _noise_source(shape, seed, noise)
         timesteps = self.scheduler.timesteps(steps)
         unet = self._compiled_unet(height, width, lora, lora_weight).create_infer_request()
-        w_emb = guidance_embedding(guidance_scale, int(self.settings["time_cond_proj_dim"]))
+        cond_dim = self.settings.get("time_cond_proj_dim")
+        extra = ({"timestep_cond": guidance_embedding(guidance_scale, int(cond_dim))}
+                 if cond_dim else {})
         latents = next(draws)  # init_noise_sigma is 1 for LCM
         denoised = latents
         for i, t in enumerate(timesteps):
-            out = unet.infer({"sample": latents, "timestep": np.array([t], dtype=np.int64),
-                              "encoder_hidden_states": embeds, "timestep_cond": w_emb})
-            pred = next(iter(out.values()))
+            inputs = {"sample": latents, "timestep": np.array([t], dtype=np.int64), **extra}
+            pred = next(iter(unet.infer({**inputs, "encoder_hidden_states": embeds}).values()))
+            if uncond_embeds is not None:
+                pred_u = next(iter(unet.infer(
+                    {**inputs, "encoder_hidden_states": uncond_embeds}).values()))
+                pred = pred_u + np.float32(guidance_scale) * (pred - pred_u)
             step_noise = next(draws) if i < len(timesteps) - 1 else None
             latents, denoised = self.scheduler.step(pred, timesteps, i, latents, step_noise)
             if on_step is not None:

@@ -173,3 +173,12 @@ def _write_manifest(bundle: Path, name: str, reference: Path, loras: dict[str, s
 def _config(path: Path) -> dict[str, Any]:
     path = path / "config.json" if path.is_dir() else path
     return json.loads(path.read_text())
+
+
+def prepare_from(source: Path, cache_dir: Path, *, name: str | None = None, version: str = "1",
+                 force: bool = False, options: Mapping[str, str] = {}) -> Path:  # noqa: B006
+    """The user's own LCM checkpoint folder -> a prepared folder (see `_from_folder`)."""
+    from workers.lcm._from_folder import prepare_from as from_folder
+
+    return from_folder(source, cache_dir, name=name, version=version, force=force,
+                       options=options)

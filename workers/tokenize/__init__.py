@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from edge.errors import BadRequest, EdgeError, ModelUnavailable
-from edge.tasks import TASKS
 from workers.api import BundleLike, DeviceSettings, Progress, Request, Response
 from workers.tokenize.pipeline import TokenizerPipeline
 
@@ -91,7 +90,9 @@ class TokenizeHandler:
         return rows, single
 
     def _pipeline(self, request: Request) -> TokenizerPipeline:
-        name = request.params.get("model") or TASKS[request.task].params["model"].default
+        # the worker names the model (workers.model_store resolves the default); alone, the
+        # handler falls back to its first tokenizer
+        name = request.params.get("model") or next(iter(self.pipelines), None)
         if name not in self.pipelines:
             if not self.pipelines:
                 raise ModelUnavailable("no tokenizer is loaded on this worker")

@@ -347,3 +347,12 @@ def _convert(source: Source, out: Path) -> None:
         },
     }
     (out / "bundle.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def prepare_from(source: Path, cache_dir: Path, *, name: str | None = None, version: str = "1",
+                 force: bool = False, options: Mapping[str, str] = {}) -> Path:  # noqa: B006
+    """The user's own tokenizer.json folder -> a prepared folder (see `_from_folder`)."""
+    from workers.tokenize._from_folder import prepare_from as from_folder
+
+    return from_folder(source, cache_dir, name=name, version=version, force=force,
+                       options=options)
