@@ -23,6 +23,7 @@ from edge.jobs import Answer, Route
 from edge.protocol import Submission
 from edge.queueing import Enqueuer, queue_name
 from workers import batching, perform
+from workers.api import Request, Response
 from workers.batching import BatchLimit
 from workers.model_store import ModelSet
 from workers.worker import EdgeWorker
@@ -265,3 +266,37 @@ def test_batches_count_against_the_priority_burst_so_other_tasks_are_not_starved
     assert ahead <= C.PRIORITY_BURST, order  # jobs, not batches, count
     assert order[0] == ("tokenize", C.PRIORITY_BURST)
     assert sum(n for _, n in order) == 41
+
+
+class _Batching:
+    """A model version's handler that batches: records each batch, echoes its version."""
+
+    def __init__(self, version: str, calls: list) -> None:
+        self.version, self.calls = version, calls
+
+    def __call__(self, request, progress):
+        return self.batch([request])[0]
+
+    def batch(self, requests):
+        self.calls.append((self.version, len(requests)))
+        return [Response({"model": r.params["model"], "echo": self.version}) for r in requests]
+
+
+def test_a_dispatcher_batches_per_version_and_fails_only_the_unknown_model():
+    from edge.errors import ModelUnavailable
+    from workers.model_store import Dispatch, Version
+
+    calls: list = []
+
+    def version(name: str, v: str) -> Version:
+        return Version("tokenize", name, v, _Batching(f"{name}@{v}", calls), (name, v), {}, 0.1)
+
+    loaded = {"b": {"1": version("b", "1"), "2": version("b", "2")}}
+    dispatch = Dispatch("tokenize", loaded, {"b": "2"}, ["b"], None, {})
+    asks = ["b", "b@1", None, "zz", "b@2", "b@1"]
+    out = dispatch.batch([Request("tokenize", {"model": m} if m else {}, text="x") for m in asks])
+    assert dispatch.batches
+    assert sorted(calls) == [("b@1", 2), ("b@2", 3)]  # one call per version
+    assert isinstance(out[3], ModelUnavailable)
+    assert [(o.result["version"], o.result["echo"]) for i, o in enumerate(out) if i != 3] == [
+        ("2", "b@2"), ("1", "b@1"), ("2", "b@2"), ("2", "b@2"), ("1", "b@1")]
