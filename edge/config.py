@@ -68,6 +68,11 @@ class TaskConfig:
     # jobs of this task one device may have queued or running at once (its quota); None:
     # the default, min(queue_limit, C.DEFAULT_DEVICE_LIMIT)
     device_limit: int | None = None
+    # Dynamic batching (workers/batching.py): a worker that takes a job of a task whose handler
+    # batches also takes up to max_batch - 1 more jobs already waiting, and waits at most
+    # batch_wait_ms for more (0: never idles); max_batch = 1 turns batching off.
+    max_batch: int = C.DEFAULT_MAX_BATCH
+    batch_wait_ms: int = 0
     # the model a request without `model` gets; None: the first one installed for the task
     default_model: str | None = None
 
@@ -277,6 +282,8 @@ def _tasks(r: _Reader) -> dict[str, TaskConfig]:
             timeout=t.int("timeout", 60, low=1),
             deadline=t.int("deadline", 300, low=1),
             device_limit=t.opt_int("device_limit", low=1),
+            max_batch=t.int("max_batch", C.DEFAULT_MAX_BATCH, low=1, high=C.MAX_BATCH_LIMIT),
+            batch_wait_ms=t.int("batch_wait_ms", 0, low=0, high=1000),
             default_model=t.opt_str("default_model"),
         )
         t.done()

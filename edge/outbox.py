@@ -47,21 +47,27 @@ class Outbox:
         self._append(keys=[self.stream], args=_flat(answer.to_fields()), client=target)
 
     def answer_once(self, rq_job_key: str, answer: Answer, owner: str,
-                    blob_key: str | None = None) -> bool:
+                    blob_key: str | None = None,
+                    pipeline: redis.client.Pipeline | None = None) -> bool:
         """Append the final answer of an RQ job unless someone (a worker, the reaper of any
         agent) already did; release the device's quota; drop the job's blob. One server-side
         step, so a crash or a lost reply never leaves half of it done and a retry is harmless.
         Accepted when Redis is full (it settles work already accepted). True when we answered.
 
         The mark is a field of RQ's own job hash, so it expires with the job (dedup window).
+        With `pipeline`, the step is queued on it (sent as EVAL: a registered script would
+        cost a round trip of its own) and its reply, 1 or 0, comes from `pipeline.execute()`.
         """
         route = answer.route
         keys = [rq_job_key, self.stream, C.UNANSWERED_KEY,
                 C.QUOTA_KEY.format(task=route.task, device_id=route.device_id)]
         keys += [blob_key] if blob_key else []
         job_id = rq_job_key.rsplit(":", 1)[-1]
-        return bool(self._answer_once(keys=keys, args=[owner, job_id, C.ANSWERED_FIELD,
-                                                       *_flat(answer.to_fields())]))
+        args = [owner, job_id, C.ANSWERED_FIELD, *_flat(answer.to_fields())]
+        if pipeline is not None:
+            pipeline.eval(scripts.ANSWER_ONCE, len(keys), *keys, *args)
+            return False
+        return bool(self._answer_once(keys=keys, args=args))
 
 
 def _flat(fields: dict[str, bytes | str]) -> list[bytes | str]:

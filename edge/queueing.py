@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
 from rq import Queue
+from rq.job import Job as RQJob
 from rq.serializers import JSONSerializer
 from rq.utils import now
 
@@ -166,3 +168,33 @@ def drain(conn: redis.Redis, queue: str) -> list[str]:
 def is_waiting(conn: redis.Redis, queue: str, device_id: str, job_id: str) -> bool:
     """Whether `job_id` waits in `device_id`'s fair list of `queue`."""
     return conn.lpos(C.FAIR_PREFIX.format(queue=queue) + device_id, job_id) is not None
+
+
+def take(conn: redis.Redis, queue: str, n: int, head_device: str = "",
+         pipeline: redis.client.Pipeline | None = None, others: Sequence[str] = (),
+         burst: int | None = None) -> list[tuple[str, dict]]:
+    """Take up to `n` jobs waiting in `queue` for a batch, fairly (`scripts.TAKE`): what is on
+    RQ's list first, then one job per device in ring order (`head_device`, the device of the
+    job the batch is for, passing its first turn), then top RQ's list up (as `Feeder.feed`);
+    at most `burst` while any of the queues `others` has work (the worker's other queues: one
+    task's batches must not starve them). Returns (job id, RQ's job hash) pairs; the caller
+    must start the jobs. With a pipeline, queued on it (sent as EVAL): the pairs come from
+    its `execute()` through `taken`."""
+    if n <= 0:
+        return []
+    keys = [rq_queue_key(queue), C.RING_KEY.format(queue=queue),
+            C.WAITING_KEY.format(queue=queue)]
+    keys += [k for q in others for k in (rq_queue_key(q), C.WAITING_KEY.format(queue=q))]
+    args: list[str | int] = [C.FAIR_PREFIX.format(queue=queue), n, C.FEED_DEPTH, head_device,
+                             RQJob.redis_job_namespace_prefix, n if burst is None else burst]
+    if pipeline is not None:
+        pipeline.eval(scripts.TAKE, len(keys), *keys, *args)
+        return []
+    return taken(conn.register_script(scripts.TAKE)(keys=keys, args=args))
+
+
+def taken(reply) -> list[tuple[str, dict]]:
+    """The (job id, job hash) pairs of a `take` reply."""
+    ids, hashes = reply
+    return [(i.decode() if isinstance(i, bytes) else str(i),
+             dict(zip(h[::2], h[1::2], strict=True))) for i, h in zip(ids, hashes, strict=True)]

@@ -199,3 +199,53 @@ local prev = redis.call('GET', KEYS[1])
 redis.call('SET', KEYS[1], t[1] .. '.' .. string.format('%06d', tonumber(t[2])))
 return {t[1], t[2], prev}
 """
+
+# Take up to n more waiting jobs of a queue for a batch (workers/batching.py): first what is on
+# RQ's list (already chosen fairly), then one job per device in ring order, round and round, the
+# head job's device passing its first turn, so a batch holds one job of every waiting device
+# before a second of any; then top RQ's list up (this replaces the feed of the job's start).
+# The ids leave every list here; the worker marks them started right after (a worker that dies
+# in between leaves them queued in no list: the reaper's lost-job scan pushes them back).
+TAKE = "#!lua flags=allow-oom\n" + _FEED_FN + """
+-- KEYS: RQ queue list, ring, waiting counter, then for each other queue of the worker: its
+--       RQ list and its waiting counter
+-- ARGV: fair prefix, how many at most, feed depth, the head job's device id, RQ's job key
+--       prefix, how many at most while another queue of the worker has work (its priority
+--       burst left: jobs of one queue in a row)
+-- Returns {ids, hashes}: the job ids taken, in order, and each one's job hash (HGETALL), so
+-- that the worker can start them in its next round trip.
+local out = {}
+local n = tonumber(ARGV[2])
+local skip = ARGV[4]
+for i = 4, #KEYS, 2 do
+  if redis.call('LLEN', KEYS[i]) > 0 or tonumber(redis.call('GET', KEYS[i + 1]) or '0') > 0 then
+    n = math.min(n, tonumber(ARGV[6]))
+    break
+  end
+end
+while #out < n do
+  local jid = redis.call('LPOP', KEYS[1])
+  if not jid then break end
+  out[#out + 1] = jid
+end
+while #out < n do
+  local dev = redis.call('LPOP', KEYS[2])
+  if not dev then break end
+  if dev == skip then
+    skip = nil
+    redis.call('RPUSH', KEYS[2], dev)
+  else
+    local fair = ARGV[1] .. dev
+    local jid = redis.call('LPOP', fair)
+    if jid then
+      redis.call('DECR', KEYS[3])
+      out[#out + 1] = jid
+    end
+    if redis.call('LLEN', fair) > 0 then redis.call('RPUSH', KEYS[2], dev) end
+  end
+end
+feed(KEYS[1], KEYS[2], KEYS[3], ARGV[1], tonumber(ARGV[3]))
+local hashes = {}
+for i, jid in ipairs(out) do hashes[i] = redis.call('HGETALL', ARGV[5] .. jid) end
+return {out, hashes}
+"""

@@ -33,9 +33,9 @@ from typing import Any
 import structlog
 
 from edge.config import Config
-from edge.errors import ModelUnavailable
+from edge.errors import EdgeError, ModelUnavailable
 from edge.tasks import TASKS, bundle_task
-from workers.api import DeviceSettings, Handler, Progress, Request, Response
+from workers.api import DeviceSettings, Handler, Progress, Request, Response, no_progress
 from workers.extensions import ExtensionError, Extensions
 from workers.schema import default_candidates
 
@@ -152,16 +152,57 @@ class Dispatch:
 
     def __call__(self, request: Request, progress: Progress) -> Response:
         found = self.resolve(request.params.get("model"), request.params)
-        named = Request(request.task, {**request.params, "model": found.name}, request.text,
-                        request.ids, request.media, request.batch)
-        response = found.handler(named, progress)
-        result: dict[str, Any] = {}
-        for key, value in response.result.items():
-            result[key] = value
-            if key == "model":  # the answer names the version next to the model
-                result["version"] = found.version
-        result.setdefault("version", found.version)
-        return Response(result, response.media)
+        return _stamped(found, found.handler(_named(request, found), progress))
+
+    @property
+    def batches(self) -> bool:
+        """Whether the models of this task run several requests as one (workers/batching.py)."""
+        return any(hasattr(v.handler, "batch") for vs in self.loaded.values()
+                   for v in vs.values())
+
+    def batch(self, requests: Sequence[Request]) -> list[Response | EdgeError]:
+        """Several requests (workers/batching.py): each resolved to its version on its own (an
+        error fails only its request), those of one version run through one `batch` call."""
+        out: list[Response | EdgeError | None] = [None] * len(requests)
+        groups: dict[tuple[str, str], tuple[Version, list[int]]] = {}
+        for i, request in enumerate(requests):
+            try:
+                found = self.resolve(request.params.get("model"), request.params)
+            except EdgeError as exc:
+                out[i] = exc
+                continue
+            groups.setdefault((found.name, found.version), (found, []))[1].append(i)
+        for found, members in groups.values():
+            named = [_named(requests[i], found) for i in members]
+            results = (found.handler.batch(named) if hasattr(found.handler, "batch")
+                       else [_call(found.handler, r) for r in named])
+            for i, res in zip(members, results, strict=True):
+                out[i] = res if isinstance(res, EdgeError) else _stamped(found, res)
+        return [o for o in out if o is not None]
+
+
+def _named(request: Request, found: Version) -> Request:
+    """The request as the version's own handler sees it: the model named."""
+    return Request(request.task, {**request.params, "model": found.name}, request.text,
+                   request.ids, request.media, request.batch)
+
+
+def _stamped(found: Version, response: Response) -> Response:
+    """The answer names the version next to the model."""
+    result: dict[str, Any] = {}
+    for key, value in response.result.items():
+        result[key] = value
+        if key == "model":
+            result["version"] = found.version
+    result.setdefault("version", found.version)
+    return Response(result, response.media)
+
+
+def _call(handler: Handler, request: Request) -> Response | EdgeError:
+    try:
+        return handler(request, no_progress)
+    except EdgeError as exc:
+        return exc
 
 
 def load_models(tasks: Sequence[str], bundle_dir: Path, ring: Any, core: Any,

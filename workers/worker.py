@@ -25,9 +25,10 @@ from rq.worker import WorkerStatus
 from edge import alive, metrics, sdnotify
 from edge import constants as C
 from edge.config import Config
-from edge.queueing import Feeder, queue_name
+from edge.queueing import Feeder, queue_name, take, taken
 from keys import load_ring
 from workers import perform
+from workers.batching import Batcher, BatchLimit, limits_of
 from workers.extensions import prune_kernel_files
 from workers.lifecycle import ModelControl
 from workers.model_store import build_models
@@ -40,7 +41,8 @@ HEARTBEAT_DEBOUNCE = 1.0  # s: RQ heartbeats closer together than this are not s
 class EdgeWorker(SimpleWorker):
     """A SimpleWorker that tells the agent, every few seconds, which queues it serves."""
 
-    def __init__(self, queues, *, runtime: perform.Runtime, **kwargs) -> None:
+    def __init__(self, queues, *, runtime: perform.Runtime,
+                 batching: dict[str, BatchLimit] | None = None, **kwargs) -> None:
         super().__init__(queues, serializer=JSONSerializer, worker_ttl=35, **kwargs)
         self.runtime = runtime
         self._beating = threading.Event()
@@ -48,8 +50,10 @@ class EdgeWorker(SimpleWorker):
         self._last_beat = 0.0
         self._job_in_hand = False  # dequeued, not yet started (its start transaction beats)
         self._feeder = Feeder(self.connection)
+        self._batcher = Batcher(self, batching or {})  # off unless limits are given
         self._priority = list(self.queues)  # the order the config gives (TASK_ORDER)
-        self._last, self._streak = None, 0  # the queue of the last job; jobs in a row from it
+        self._last: str | None = None  # the queue of the last job
+        self._streak = 0  # jobs in a row from it
         # Watchdog: the loop beats at least every dequeue_timeout; allow Redis back-off too.
         self.progress = sdnotify.Progress(stall_after=self.dequeue_timeout + 100)
         perform.install(runtime)
@@ -77,8 +81,12 @@ class EdgeWorker(SimpleWorker):
     def reorder_queues(self, reference_queue):
         # RQ calls this right after a job was dequeued, before its last heartbeat.
         self._job_in_hand = True
-        served = reference_queue.name
-        self._streak = self._streak + 1 if served == self._last else 1
+        self.count_served(reference_queue.name, 1)
+
+    def count_served(self, served: str, n: int) -> None:
+        """Count `n` jobs just taken from queue `served` (a batch's count them all) and set the
+        queue order for the next dequeue (`next_order`)."""
+        self._streak = self._streak + n if served == self._last else n
         self._last = served
         self._ordered_queues = next_order(self._priority, served, self._streak)
         if self._ordered_queues[0].name != self._priority[0].name:
@@ -115,17 +123,30 @@ class EdgeWorker(SimpleWorker):
         if remove_from_intermediate_queue:
             queue = self.queue_class(job.origin, connection=self.connection)
             pipe.lrem(queue.intermediate_queue_key, 1, job.id)
-        # the next waiting job (fairly chosen among devices) takes this one's place on RQ's list
-        self._feeder.feed(job.origin, pipeline=pipe)
+        room = self._batcher.taking  # jobs to run with this one (workers.batching)
+        if room:  # taken fairly among devices, within the priority burst; feeds RQ's list after
+            take(self.connection, job.origin, room, self._batcher.device_of(job), pipeline=pipe,
+                 others=[q.name for q in self.queues if q.name != job.origin],
+                 burst=max(0, C.PRIORITY_BURST - self._streak))
+        else:
+            # the next waiting job (fairly chosen among devices) takes this one's place on RQ's list
+            self._feeder.feed(job.origin, pipeline=pipe)
         blob_key = C.BLOB_KEY.format(job_key=job.id)
         pipe.hgetall(blob_key)
-        self.runtime.prefetched = {blob_key: pipe.execute()[-1]}
+        replies = pipe.execute()
+        self.runtime.prefetched = {blob_key: replies[-1]}
+        if room:
+            self._batcher.start(job, taken(replies[-2]))
         self._last_beat = time.monotonic()
         self.procline(f"Processing {job.func_name} from {job.origin} since {time.time()}")
 
     def execute_job(self, job, queue):
         self.progress.begin(job.timeout)
         try:
+            room = self._batcher.room(queue.name)
+            if room:  # this job and those waiting with it, as one
+                self._batcher.execute(job, queue, room)
+                return self.set_state(WorkerStatus.IDLE)
             return super().execute_job(job, queue)
         finally:
             self.progress.end()
@@ -264,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     conn = connect(config.redis.for_worker())
     metrics.observe_models(args.device, dict(models.load_seconds), served)
     worker = EdgeWorker([queue_name(t, args.device) for t in served], runtime=runtime,
-                        connection=conn, name=name.replace(".", "_"))
+                        batching=limits_of(config.tasks), connection=conn,
+                        name=name.replace(".", "_"))
     metrics.serve(config.worker_metrics_port(args.device), live=worker.progress.healthy,
                   ready={"models": lambda: bool(runtime.models.handlers), "redis": conn.ping})
     log.info("worker_ready", worker=name, queues=[q.name for q in worker.queues])
