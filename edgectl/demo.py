@@ -53,6 +53,7 @@ def ensure_keyring(path: Path):
 def ensure_bundles(tasks: list[str], ring, bundle_dir: Path) -> None:
     """Prepare (cached under ~/.cache) and pack every bundle the demo tasks need."""
     import keys
+    from keys.layout import version_dirs
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for task in sorted({bundle_task(t) for t in tasks}):
@@ -62,10 +63,12 @@ def ensure_bundles(tasks: list[str], ring, bundle_dir: Path) -> None:
         for folder in folders:
             manifest = json.loads((folder / "bundle.json").read_text())
             dest = bundle_dir / f"{manifest['task']}--{manifest['name']}"
-            if dest.exists():
+            packed = version_dirs(dest).get(str(manifest.get("version"))) if dest.is_dir() \
+                else None
+            if packed is not None:
                 try:
-                    if keys.Bundle.open(dest, ring).version == manifest.get("version"):
-                        continue
+                    keys.Bundle.open(packed, ring)
+                    continue  # this version is packed and opens with the demo keyring
                 except keys.BundleError:
                     pass
             keys.pack_bundle(folder, bundle_dir, ring)
