@@ -1,6 +1,7 @@
 """The edge agent: the daemon's only MQTT client.
 
-    mqtt message -> protocol.parse -> Submission -> Enqueuer (routing included) -> RQ job
+    mqtt messages -> intake -> protocol.parse -> Submission -> Enqueuer (routing included,
+                                                                    a batch per round trip) -> RQ jobs
     outbox stream -> OutboxRelay -> protocol.render -> MQTT publish -> XACK
 """
 
@@ -12,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 
 import redis
 import structlog
@@ -21,10 +23,10 @@ from edge import metrics, sdnotify
 from edge.config import Config
 from edge.errors import Busy, EdgeError, Internal
 from edge.jobs import Answer, error_answer
-from edge.mqtt import MqttClient, Refused
+from edge.mqtt import Incoming, MqttClient, Refused
 from edge.outbox import Outbox
-from edge.protocol import Outgoing, Properties, Rejected, parse
-from edge.queueing import Enqueuer
+from edge.protocol import Outgoing, Properties, Rejected, Submission, parse
+from edge.queueing import Enqueued, Enqueuer
 from edge.reaper import Reaper
 from edge.redisconn import connect
 from edge.relay import OutboxRelay
@@ -33,6 +35,43 @@ from edge.status import node_status
 log = structlog.get_logger("edge.agent")
 
 STATUS_PUBACK_WAIT = 5.0  # s the status loop waits to learn whether the broker took it
+
+
+class Intake:
+    """Job messages on their way from paho's thread to the thread that stores them, bounded
+    by count and by payload bytes (a lone message of any size is always let in)."""
+
+    def __init__(self, max_messages: int, max_bytes: int) -> None:
+        self.max_messages, self.max_bytes = max_messages, max_bytes
+        self._items: deque[Incoming] = deque()
+        self._bytes = 0
+        self._changed = threading.Condition()
+
+    def put(self, msg: Incoming, stop: threading.Event) -> bool:
+        """Add `msg`, waiting while the intake is full; False when `stop` is set first."""
+        with self._changed:
+            while self._items and (len(self._items) >= self.max_messages
+                                   or self._bytes + len(msg.payload) > self.max_bytes):
+                if stop.is_set():
+                    return False
+                self._changed.wait(0.5)
+            self._items.append(msg)
+            self._bytes += len(msg.payload)
+            self._changed.notify_all()
+            return True
+
+    def take(self, n: int, timeout: float) -> list[Incoming]:
+        """Up to `n` messages, oldest first, waiting up to `timeout` for the first."""
+        with self._changed:
+            if not self._items:
+                self._changed.wait(timeout)
+            batch: list[Incoming] = []
+            while self._items and len(batch) < n:
+                batch.append(self._items.popleft())
+                self._bytes -= len(batch[-1].payload)
+            if batch:
+                self._changed.notify_all()
+            return batch
 
 
 class Agent:
@@ -51,7 +90,7 @@ class Agent:
         password = (config.mqtt.password_file.read_text().strip()
                     if config.mqtt.password_file else None)
         self.mqtt = MqttClient(config.mqtt, config.client_id, subscriptions=(subscription,),
-                               on_message=self.handle, will=(self.status_topic, offline),
+                               on_message=self.receive, will=(self.status_topic, offline),
                                password=password, on_connected=self._wake_status)
         self.relay = OutboxRelay(conn, self.mqtt, consumer=config.client_id,
                                  on_published=self._published)
@@ -60,66 +99,109 @@ class Agent:
         self.reaper = Reaper(conn, config, owner=config.client_id)
         self._stop = threading.Event()
         self._status_now = threading.Event()
+        # job messages from paho's thread to the thread that stores them, in batches
+        self.intake = Intake(C.INTAKE_DEPTH, C.INTAKE_BYTES)
 
     # -- jobs in
 
-    def handle(self, topic: str, payload: bytes, props: Properties) -> bool:
-        """Handle one job message; True when it may be acknowledged to the broker.
+    def receive(self, msg: Incoming) -> bool | None:
+        """paho's network thread: hand a job message to the intake thread, which stores it
+        and acknowledges it (None). While the intake is full this blocks, which holds the
+        broker's further messages back (back-pressure); on stop the message is left
+        unacknowledged, for the broker to send again after the reconnect (False)."""
+        return None if self.intake.put(msg, self._stop) else False
 
-        While Redis is away the message is retried here rather than left unacknowledged: the
+    def _intake_loop(self) -> None:
+        """Store what waits in the intake, up to `INTAKE_BATCH` messages per round trip."""
+        while not self._stop.is_set():
+            batch = self.intake.take(C.INTAKE_BATCH, timeout=0.5)
+            if batch:
+                self.handle(batch)
+
+    def handle(self, messages: list[Incoming]) -> None:
+        """Store job messages, acknowledging each to the broker once it is stored or answered.
+
+        While Redis is away the messages are retried here rather than left unacknowledged: the
         broker redelivers an unacknowledged message only on a reconnect, which may never come.
-        Blocking paho's thread meanwhile holds further jobs at the broker (back-pressure); if
-        the broker drops us for the silence, it redelivers on reconnect and dedup sorts it out.
+        The intake fills meanwhile and paho's thread blocks, holding further jobs at the broker
+        (back-pressure); if the broker drops us for the silence, it redelivers on reconnect and
+        dedup sorts it out. A message still not stored at stop is left to that redelivery.
         """
         delay, since = 0.25, time.monotonic()
         try:
-            while not self._handle_once(topic, payload, props):
+            while messages:
+                done = self._handle_once(messages)
+                for msg, ok in zip(messages, done, strict=True):
+                    if ok:
+                        self.mqtt.ack(msg)
+                messages = [m for m, ok in zip(messages, done, strict=True) if not ok]
+                if not messages:
+                    return
                 metrics.JOB_STALL.set(time.monotonic() - since)
                 if self._stop.wait(delay):
-                    return False
+                    return
                 delay = min(delay * 2, 5.0)
-            return True
         finally:
             metrics.JOB_STALL.set(0)
 
-    def _handle_once(self, topic: str, payload: bytes, props: Properties) -> bool:
+    def _handle_once(self, messages: list[Incoming]) -> list[bool]:
+        """Parse every message and store the valid ones in one round trip; answer the others.
+        One flag per message: True when it is stored or answered (it may be acknowledged)."""
         received = time.time()
+        done = [False] * len(messages)
+        subs: list[tuple[int, Submission]] = []
+        for i, msg in enumerate(messages):
+            try:
+                subs.append((i, parse(msg.topic, msg.payload, msg.props,
+                                      max_bytes=self.max_bytes, now=received,
+                                      json_depth=self.config.limits.json_depth)))
+            except Rejected as exc:
+                done[i] = self._answer_error(exc.route, exc.error, msg.topic)
+            except Exception:  # noqa: BLE001 - one bad message must never stop the agent
+                log.exception("job_handling_failed", topic=msg.topic)
+                done[i] = True  # no route to answer to
         try:
-            sub = parse(topic, payload, props, max_bytes=self.max_bytes, now=received,
-                        json_depth=self.config.limits.json_depth)
-            enq = self.enqueuer.submit(sub, received)
+            outcomes = self.enqueuer.submit_many([sub for _, sub in subs], received)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # Not acknowledged: retried here, and redelivered by the broker after a reconnect.
+            log.error("jobs_not_stored", jobs=len(subs), error=str(exc))
+            return done
+        except Exception:  # noqa: BLE001 - one bad job must never stop the agent
+            log.exception("job_handling_failed", jobs=len(subs))
+            outcomes = [Internal("internal error") for _ in subs]
+        for (i, sub), outcome in zip(subs, outcomes, strict=True):
+            done[i] = self._settle(sub, outcome, messages[i].topic)
+        return done
+
+    def _settle(self, sub: Submission, outcome: Enqueued | Exception, topic: str) -> bool:
+        """Count a stored job, or answer the device why its job was not stored."""
+        if isinstance(outcome, Enqueued):
             log.debug("job_enqueued", task=sub.route.task, device_id=sub.route.device_id,
-                      job_id=sub.route.request_id, queue=enq.queue, duplicate=enq.duplicate)
-            if not enq.duplicate:
-                metrics.SUBMITTED.labels(sub.route.task, enq.queue.rsplit(".", 1)[-1]).inc()
+                      job_id=sub.route.request_id, queue=outcome.queue,
+                      duplicate=outcome.duplicate)
+            if not outcome.duplicate:
+                metrics.SUBMITTED.labels(sub.route.task, outcome.queue.rsplit(".", 1)[-1]).inc()
             metrics.observe_device(sub.route.device_id, sub.route.task,
-                                   "duplicate" if enq.duplicate else "submitted")
+                                   "duplicate" if outcome.duplicate else "submitted")
             return True
-        except Rejected as exc:
-            return self._answer_error(exc.route, exc.error, topic)
-        except EdgeError as exc:  # Busy or ModelUnavailable, from the enqueuer
-            return self._answer_error(sub.route, exc, topic)
-        except redis.exceptions.OutOfMemoryError:
+        if isinstance(outcome, EdgeError):  # Busy or ModelUnavailable, from the enqueuer
+            return self._answer_error(sub.route, outcome, topic)
+        if isinstance(outcome, redis.exceptions.OutOfMemoryError):
             # Redis is at maxmemory: the device is told so; answers already accepted still
             # get through (the answer steps may use memory past the limit, see edge/scripts.py)
             log.warning("redis_full", task=sub.route.task, device_id=sub.route.device_id)
             return self._answer_error(sub.route, Busy(
                 "the gateway's job store is full (Redis maxmemory); try again later",
                 "redis_full"), topic)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            # Not acknowledged: retried here, and redelivered by the broker after a reconnect.
-            log.error("job_not_stored", topic=topic, error=str(exc))
+        if isinstance(outcome, (redis.ConnectionError, redis.TimeoutError)):
+            log.error("job_not_stored", topic=topic, error=str(outcome))
             return False
-        except redis.RedisError as exc:  # refused for good (a permission, a script error)
-            log.error("job_refused_by_redis", topic=topic, error=str(exc))
+        if isinstance(outcome, redis.RedisError):  # refused for good (a permission, a script)
+            log.error("job_refused_by_redis", topic=topic, error=str(outcome))
             return self._answer_error(sub.route, Internal("the gateway could not store the "
                                                           "job (details in its log)"), topic)
-        except Exception:  # noqa: BLE001 - one bad job must never stop the agent
-            log.exception("job_handling_failed", topic=topic)
-            try:
-                return self._answer_error(sub.route, Internal("internal error"), topic)
-            except NameError:
-                return True
+        log.error("job_handling_failed", topic=topic, error=repr(outcome))
+        return self._answer_error(sub.route, Internal("internal error"), topic)
 
     def _answer_error(self, route, error: EdgeError, topic: str) -> bool:
         log.info("job_rejected", topic=topic, code=error.code, reason=error.message)
@@ -183,7 +265,8 @@ class Agent:
     def run(self) -> None:
         """Run until `stop()`; returns after a clean shutdown."""
         self.mqtt.start()
-        threads = [threading.Thread(target=self.relay.run, name="outbox-relay", daemon=True),
+        threads = [threading.Thread(target=self._intake_loop, name="intake", daemon=True),
+                   threading.Thread(target=self.relay.run, name="outbox-relay", daemon=True),
                    threading.Thread(target=self._status_loop, name="status", daemon=True),
                    threading.Thread(target=self.reaper.run, name="reaper", daemon=True)]
         for t in threads:

@@ -85,4 +85,10 @@ MAX_ANSWER_BYTES = 64 << 20
 # a broker that announces no Maximum Packet Size.
 MQTT_MAX_PACKET_BYTES = 268_435_455 + 5
 MQTT_RECEIVE_MAXIMUM = 65_535  # MQTT 5's default when a CONNACK names none
+# The agent's intake: job messages (at most this many, of at most this many payload bytes)
+# waiting between paho's thread and the thread that stores them, past which paho's thread waits
+# (back-pressure to the broker); and how many of them go to Redis in one round trip.
+INTAKE_DEPTH = 256
+INTAKE_BYTES = 64 << 20
+INTAKE_BATCH = 64
 MQTT_MAX_IN_FLIGHT = 100  # our own cap on unacknowledged QoS 1 publishes per connection

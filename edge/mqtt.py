@@ -29,8 +29,23 @@ from edge.protocol import Outgoing, Properties, user_properties
 
 log = structlog.get_logger("edge.mqtt")
 
-# handler(topic, payload, properties) -> True to acknowledge the message now
-MessageHandler = Callable[[str, bytes, Properties], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A message the broker delivered to us; `mid` and `qos` are what its PUBACK needs."""
+
+    topic: str
+    payload: bytes
+    props: Properties
+    mid: int
+    qos: int
+
+
+# handler(message) on paho's network thread -> True: acknowledge it now; False: never (the
+# broker sends it again after a reconnect); None: the handler took it and acknowledges it later
+# with `MqttClient.ack`, from any thread
+MessageHandler = Callable[[Incoming], "bool | None"]
 
 # The failure reason codes MQTT 5 allows in a PUBACK (spec 3.4.2.1), and PACKET_TOO_LARGE, which
 # it does not (paho takes a PUBACK carrying it for a malformed packet and drops the connection):
@@ -164,14 +179,25 @@ class Client(paho.Client):
 
     def publish(self, *args, **kwargs) -> paho.MQTTMessageInfo:
         info = super().publish(*args, **kwargs)
-        # paho's `_thread`: its network thread, None without loop_start
+        self._write_now()
+        return info
+
+    def ack(self, mid: int, qos: int) -> paho.MQTTErrorCode:
+        """paho's manual acknowledgement, written at once like `publish` (a thread that
+        acknowledges a batch of stored jobs is not paho's)."""
+        rc = super().ack(mid, qos)
+        self._write_now()
+        return rc
+
+    def _write_now(self) -> None:
+        """Write what is queued from this thread, unless it is paho's own (`_thread`, None
+        without loop_start) or the socket is not one we may write from here."""
         if (self.is_connected()
                 and threading.current_thread() is not getattr(self, "_thread", None)
                 and writes_directly(self.socket())):
             self.loop_write()
             if self.want_write():
                 self._wake_network_thread()
-        return info
 
     def _wake_network_thread(self) -> None:
         # the byte paho's own publish writes to make its network thread look at the socket
@@ -254,6 +280,12 @@ class MqttClient:
         self.client.loop_stop()
         self._connected.clear()
         self._in_flight.clear()
+
+    def ack(self, msg: Incoming) -> None:
+        """Acknowledge a message a handler took (returned None for); harmless after a
+        reconnect (the broker ignores a PUBACK of an id it does not hold)."""
+        if msg.qos > 0:
+            self.client.ack(msg.mid, msg.qos)
 
     def packet_limit(self) -> int:
         """The largest PUBLISH packet the broker takes: its Maximum Packet Size, else MQTT's."""
@@ -374,10 +406,11 @@ class MqttClient:
         log.warning("mqtt_disconnected", reason=str(reason_code))
 
     def _on_message(self, client, userdata, msg) -> None:
-        ack = True
+        ack: bool | None = True
         try:
             if self.handler is not None:
-                ack = self.handler(msg.topic, msg.payload, from_paho(msg.properties))
+                ack = self.handler(Incoming(msg.topic, msg.payload, from_paho(msg.properties),
+                                            msg.mid, msg.qos))
         finally:
             if ack and msg.qos > 0:
                 client.ack(msg.mid, msg.qos)

@@ -33,6 +33,40 @@ class Enqueued:
     duplicate: bool
 
 
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """One submission's `scripts.ENQUEUE` call, and how to read its reply."""
+
+    job: Job
+    queues: tuple[str, ...]  # the candidate queues, in the task's device order
+    keys: list[str]
+    args: list
+    config: Config
+
+    def outcome(self, reply: Sequence[int]) -> Enqueued:
+        """What the script's reply means: the job enqueued or a duplicate; else raises Busy
+        (the device's quota, a full Redis, every queue full) or ModelUnavailable."""
+        chosen, held = reply
+        if chosen == 0:
+            return Enqueued(self.job, "", duplicate=True)
+        if chosen > 0:
+            return Enqueued(self.job, self.queues[chosen - 1], duplicate=False)
+        task, device_id = self.job.task, self.job.route.device_id
+        tcfg = self.config.tasks[task]
+        if chosen == -3:
+            raise Busy(f"device {device_id!r} has {held} {task} jobs queued or running, its "
+                       f"limit (tasks.{task}.device_limit = {tcfg.per_device}); wait for an "
+                       "answer before sending more", "device_limit")
+        if chosen == -4:
+            raise Busy(f"the gateway's job store is full (Redis at {held}% of maxmemory; new "
+                       f"jobs stop at {self.config.limits.redis_fill_percent}%, "
+                       "limits.redis_fill_percent); try again later", "redis_full")
+        if chosen == -1:
+            raise Busy(f"every {task} queue of this gateway is full (tasks.{task}.queue_limit = "
+                       f"{tcfg.queue_limit} jobs); try again later")
+        raise ModelUnavailable(f"no worker serves {task} on this gateway now")
+
+
 class Enqueuer:
     """Stores a job's inputs as one Redis blob and enqueues its RQ job, once per request id.
 
@@ -60,6 +94,44 @@ class Enqueuer:
         Busy when the device is at its quota for the task or every live queue of the task is
         full, ModelUnavailable when none is live.
         """
+        step = self._step(sub, received)
+        return step.outcome(self._script(keys=step.keys, args=step.args))
+
+    def submit_many(self, subs: Sequence[Submission], received: float
+                    ) -> list[Enqueued | Exception]:
+        """Enqueue several submissions in one round trip: one `scripts.ENQUEUE` step each, as
+        `submit` runs it. Returns, in order, each one's `Enqueued` or the exception `submit`
+        would raise for it alone (Busy, ModelUnavailable, a Redis refusal such as
+        `OutOfMemoryError`); raises only when the round trip itself failed (a lost connection:
+        the steps that ran are found again as duplicates when the caller retries)."""
+        steps = [self._step(sub, received) for sub in subs]
+        if not steps:
+            return []
+        replies = self._run(steps)
+        if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+            self.conn.script_load(scripts.ENQUEUE)  # Redis restarted and lost its scripts
+            replies = self._run(steps)
+        out: list[Enqueued | Exception] = []
+        for step, reply in zip(steps, replies, strict=True):
+            if isinstance(reply, Exception):
+                out.append(reply)
+                continue
+            try:
+                out.append(step.outcome(reply))
+            except (Busy, ModelUnavailable) as exc:
+                out.append(exc)
+        return out
+
+    def _run(self, steps: Sequence[_Step]) -> list:
+        """Every step's reply (or its error) from one pipelined round trip (EVALSHA: redis-py
+        would ask whether a registered script exists before every pipeline it runs)."""
+        pipe = self.conn.pipeline(transaction=False)
+        for step in steps:
+            pipe.evalsha(self._script.sha, len(step.keys), *step.keys, *step.args)
+        return pipe.execute(raise_on_error=False)
+
+    def _step(self, sub: Submission, received: float) -> _Step:
+        """The ENQUEUE step of one submission: its job, candidate queues, keys and arguments."""
         task = sub.route.task
         tcfg = self.config.tasks[task]
         key = job_key(sub.route.device_id, task, sub.route.request_id)
@@ -85,23 +157,7 @@ class Enqueuer:
                 tcfg.deadline + tcfg.timeout + C.QUOTA_SLACK, C.FEED_DEPTH, device_id,
                 len(blob), *blob, *per_queue, *_hash_fields(rq_job),
                 self.config.limits.redis_fill_percent]
-        chosen, held = self._script(keys=keys, args=args)
-        if chosen == 0:
-            return Enqueued(job, "", duplicate=True)
-        if chosen > 0:
-            return Enqueued(job, queues[chosen - 1].name, duplicate=False)
-        if chosen == -3:
-            raise Busy(f"device {device_id!r} has {held} {task} jobs queued or running, its "
-                       f"limit (tasks.{task}.device_limit = {tcfg.per_device}); wait for an "
-                       "answer before sending more", "device_limit")
-        if chosen == -4:
-            raise Busy(f"the gateway's job store is full (Redis at {held}% of maxmemory; new "
-                       f"jobs stop at {self.config.limits.redis_fill_percent}%, "
-                       "limits.redis_fill_percent); try again later", "redis_full")
-        if chosen == -1:
-            raise Busy(f"every {task} queue of this gateway is full (tasks.{task}.queue_limit = "
-                       f"{tcfg.queue_limit} jobs); try again later")
-        raise ModelUnavailable(f"no worker serves {task} on this gateway now")
+        return _Step(job, tuple(q.name for q in queues), keys, args, self.config)
 
     def _rq_job(self, queue: Queue, job: Job):
         """The RQ job as `Queue.enqueue_call(..., unique=True)` would store it."""

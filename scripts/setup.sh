@@ -59,4 +59,7 @@ if command -v npm >/dev/null && { [ ! -f examples/node/node_modules/.package-loc
     || [ examples/node/package-lock.json -nt examples/node/node_modules/.package-lock.json ]; }; then
   (cd examples/node && npm ci --no-audit --no-fund --loglevel=error)
 fi
+# 4. The models the demo and the tests use, prepared once and cached under ~/.cache (plaintext,
+# build host only): the first time ~10 min (the superres CNN trains), then under a second.
+"$VENV/bin/python" scripts/prepare_models.py
 echo "setup: ok"
