@@ -59,7 +59,7 @@ BUSY = Counter("edge_busy_rejections",
                "queue_limit (every queue of the task full), redis_full (Redis at maxmemory)",
                ("task", "reason"), registry=REGISTRY)
 JOB_STALL = Gauge("edge_agent_job_stall_seconds",
-                  "How long the agent has been retrying one job message it cannot store or "
+                  "How long the agent has been retrying job messages it cannot store or "
                   "answer (0 when none): the broker holds the device's later jobs meanwhile",
                   registry=REGISTRY)
 REDIS_MEMORY = Gauge("edge_redis_memory_used_ratio",
