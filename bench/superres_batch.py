@@ -30,8 +30,7 @@ import numpy as np  # noqa: E402
 import openvino as ov  # noqa: E402
 import pyvips  # noqa: E402
 
-from workers.api import (DeviceSettings, FolderBundle, Media, Request,  # noqa: E402
-                         no_progress, read_ir)
+from workers.api import DeviceSettings, FolderBundle, Media, Request, no_progress, read_ir  # noqa: E402
 from workers.superres import load, train  # noqa: E402
 
 PREPARED = Path(os.environ.get("EDGE_PREPARED_DIR", Path.home() / ".cache/edge-daemon/prepared"))

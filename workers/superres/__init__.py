@@ -21,8 +21,10 @@ budget together (`_waves`), and answers each request exactly as one job would be
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +44,11 @@ from workers.superres.quality import LdmPipeline
 __all__ = ["FastPipeline", "GenericPipeline", "LdmPipeline", "SuperResHandler", "load"]
 
 log = structlog.get_logger("workers.superres")
+
+# Threads a batch encodes its answers on (PNG / JPEG / WebP encoders are single-threaded and
+# take 2-4x the model's time for a 1080p answer): several jobs' answers at once, beside the
+# pipeline's inference. A single job encodes on its own thread, as before.
+ENCODERS = min(4, os.cpu_count() or 1)
 
 
 def _mode(bundle: BundleLike) -> str:
@@ -170,7 +177,7 @@ class SuperResHandler:
                  total: int, params: Mapping[str, Any], progress: Progress) -> np.ndarray:
         """One image's 4x RGB pixels, with its progress events."""
         if isinstance(pipeline, FastPipeline):
-            (out,) = pipeline([decoded.rgb], on_image=lambda _: progress(
+            (out,) = pipeline([decoded.rgb], on_image=lambda _i, _out: progress(
                 {"image": index + 1, "images": total}))
             return out
         return pipeline(decoded.rgb, steps=int(params.get("steps", 20)),
@@ -225,8 +232,10 @@ def _waves(opened: Sequence[_Opened], job_memory: int) -> list[list[_Opened]]:
 
 
 def _run_wave(wave: Sequence[_Opened]) -> list[Response | EdgeError]:
-    """One pipeline call for every image of the wave's requests, then each request's answer
-    encoded as `__call__` encodes it. A decode or encode error fails only its request."""
+    """One pipeline call for every image of the wave's requests; each request's answer is
+    encoded as `__call__` encodes it, on `ENCODERS` threads, as soon as its last image is
+    upscaled (while the pipeline runs the others' tiles). A decode or encode error fails only
+    its request."""
     pipeline = wave[0].pipeline
     decoded: list[list[imageio.Decoded] | EdgeError] = []
     for o in wave:
@@ -235,33 +244,46 @@ def _run_wave(wave: Sequence[_Opened]) -> list[Response | EdgeError]:
         except EdgeError as exc:
             decoded.append(exc)
         o.headers = []  # each image's loader leaves with its pixels
-    images = [d.rgb for ds in decoded if not isinstance(ds, EdgeError) for d in ds]
-    upscaled = deque(pipeline(images))
-    del images
-    answers: list[Response | EdgeError] = []
-    for o, ds in zip(wave, decoded, strict=True):
-        if isinstance(ds, EdgeError):
-            answers.append(ds)
-            continue
-        outs = [upscaled.popleft() for _ in ds]
-        try:
-            answers.append(_respond(o, ds, outs))
-        except EdgeError as exc:
-            answers.append(exc)
-        del outs
-    return answers
+    owner = [(j, k) for j, ds in enumerate(decoded) if not isinstance(ds, EdgeError)
+             for k in range(len(ds))]  # image -> (request, its place in the request)
+    outs: list[list[Any]] = [[None] * len(ds) if not isinstance(ds, EdgeError) else []
+                             for ds in decoded]
+    left = [len(o) for o in outs]
+    # a decode error is its request's answer; the others' answers are their encodes
+    answers: list[EdgeError | Future[Response | EdgeError]] = [
+        ds if isinstance(ds, EdgeError) else Future() for ds in decoded]
+    with ThreadPoolExecutor(min(ENCODERS, len(wave))) as pool:
+
+        def upscaled(i: int, out: np.ndarray) -> None:
+            j, k = owner[i]
+            outs[j][k] = out
+            left[j] -= 1
+            if left[j] == 0:  # the request's last image: encode it beside the pipeline
+                ds = decoded[j]
+                assert not isinstance(ds, EdgeError)
+                answers[j] = pool.submit(_respond, wave[j], ds, outs[j])
+
+        pipeline([d.rgb for ds in decoded if not isinstance(ds, EdgeError) for d in ds],
+                 on_image=upscaled)
+    return [a.result() if isinstance(a, Future) else a for a in answers]
 
 
 def _respond(o: _Opened, decoded: Sequence[imageio.Decoded],
-             outs: Sequence[np.ndarray]) -> Response:
-    """One batched request's answer from its upscaled images, as `__call__` builds it."""
+             outs: list[np.ndarray]) -> Response | EdgeError:
+    """One batched request's answer from its upscaled images, as `__call__` builds it (its
+    images one at a time: each image's room in the answer depends on the ones before it)."""
     room = C.MAX_ANSWER_BYTES
     media, described = [], []
-    for d, out in zip(decoded, outs, strict=True):
-        item = _encode(out, d, o.pipeline.scale, o.request.params, room)
-        room -= len(item.data)
-        media.append(item)
-        described.append(_describe(out, item, d))
+    try:
+        for d, out in zip(decoded, outs, strict=True):
+            item = _encode(out, d, o.pipeline.scale, o.request.params, room)
+            room -= len(item.data)
+            media.append(item)
+            described.append(_describe(out, item, d))
+    except EdgeError as exc:
+        return exc
+    finally:
+        outs.clear()  # the 4x pixels leave as soon as they are encoded
     return Response(result={"model": o.name, "images": described}, media=tuple(media))
 
 
