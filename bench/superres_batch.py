@@ -1,12 +1,13 @@
 """Batched superres: 16 jobs of one 480x270 photo each, one at a time vs one batch. Prints
 images/s, medians over --reps, and the ratio, under both CPU performance hints.
 
-    .venv/bin/python bench/superres_batch.py [--reps 5] [--batch 16]
+    .venv/bin/python bench/superres_batch.py [--reps 5] [--jobs 16] [--max-batch 1,4,8,16]
 
-* one at a time: `handler(request)` per job, as a worker with max_batch = 1 runs them;
-* one batch: `handler.batch(requests)`, as a worker runs the 16 jobs it finds waiting;
-* bare, for reference: the compiled 270x480 model alone, 16 infers one after another against
-  one infer of a [16, 270, 480, 3] reshape (a batch dimension), arrays in and out.
+* max_batch 1: `handler(request)` per job, as a worker with max_batch = 1 runs them;
+* max_batch B: `handler.batch(...)` on B jobs at a time, as a worker runs the B jobs it finds
+  waiting (the 16 jobs in 16 / B batches);
+* bare, for reference (LATENCY: one stream): the compiled 270x480 model alone, 16 infers one
+  after another against one infer of a [16, 270, 480, 3] reshape (a batch dimension).
 
 Both sides of each comparison run in this invocation, alternating, so the ratios compare like
 with like on this machine's load. The images are 270x480 crops of scikit-image's colour
@@ -62,14 +63,15 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def compare(one, together, reps: int) -> tuple[float, float]:
-    """Median seconds of each, alternating, after a warm-up of each."""
-    one(), together()
-    a, b = [], []
+def medians(runs: dict[str, object], reps: int) -> dict[str, float]:
+    """Median seconds of each run, alternating, after a warm-up of each."""
+    for fn in runs.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(reps):
-        a.append(timed(one))
-        b.append(timed(together))
-    return statistics.median(a), statistics.median(b)
+        for name, fn in runs.items():
+            times[name].append(timed(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bare(core: ov.Core, bundle: FolderBundle, hint: str, images: list[np.ndarray],
@@ -84,18 +86,22 @@ def bare(core: ov.Core, bundle: FolderBundle, hint: str, images: list[np.ndarray
     r1 = core.compile_model(single, "CPU", props).create_infer_request()
     rn = core.compile_model(batched, "CPU", props).create_infer_request()
     stack = np.stack(images)
-    return compare(lambda: [r1.infer({0: img[None]}) for img in images],
-                   lambda: rn.infer({0: stack}), reps)
+    got = medians({"one": lambda: [r1.infer({0: img[None]}) for img in images],
+                   "stack": lambda: rn.infer({0: stack})}, reps)
+    return got["one"], got["stack"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=16, help="jobs (one image each)")
+    parser.add_argument("--jobs", type=int, default=16, help="jobs (one image each)")
+    parser.add_argument("--max-batch", default="1,4,8,16",
+                        help="batch sizes to compare (1: one job at a time)")
     args = parser.parse_args()
+    sizes = [int(b) for b in args.max_batch.split(",")]
     core = ov.Core()
     bundle = FolderBundle(PREPARED / "sr-fast-x4")
-    images = crops(args.batch)
+    images = crops(args.jobs)
     requests = [Request("superres", {}, media=(Media("image/png",
                                                      pyvips.Image.new_from_array(img)
                                                      .pngsave_buffer()),))
@@ -106,13 +112,20 @@ def main() -> None:
     for hint in ("LATENCY", "THROUGHPUT"):
         handler = load([bundle], core, DeviceSettings("CPU", {"PERFORMANCE_HINT": hint}))
         pool = next(iter(handler._pipelines.values()))[1]._pool((H, W))  # noqa: SLF001
-        alone, batch = compare(lambda h=handler: [h(r, no_progress) for r in requests],
-                               lambda h=handler: h.batch(requests), args.reps)
-        print(f"{hint:10} ({len(pool)} infer request(s)): one at a time {n / alone:5.1f} "
-              f"images/s, one batch {n / batch:5.1f} images/s, x{alone / batch:.2f}")
-        b1, bn = bare(core, bundle, hint, images, args.reps)
-        print(f"{'':10} bare model: {n} infers {n / b1:5.1f} images/s, one [{n}, {H}, {W}, 3] "
-              f"infer {n / bn:5.1f} images/s, x{b1 / bn:.2f}")
+
+        def run(b: int, h=handler):
+            if b == 1:
+                return [h(r, no_progress) for r in requests]
+            return [h.batch(requests[i:i + b]) for i in range(0, n, b)]
+
+        got = medians({b: (lambda b=b: run(b)) for b in sizes}, args.reps)
+        base = got.get(1, got[sizes[0]])
+        print(f"{hint} ({len(pool)} infer request(s) per shape): " + ", ".join(
+            f"max_batch {b}: {n / t:5.1f} images/s x{base / t:.2f}" for b, t in got.items()))
+        if hint == "LATENCY":  # one stream: one request of n images is a fair comparison
+            b1, bn = bare(core, bundle, hint, images, args.reps)
+            print(f"  bare model: {n} infers {n / b1:5.1f} images/s, one [{n}, {H}, {W}, 3] "
+                  f"infer {n / bn:5.1f} images/s, x{b1 / bn:.2f}")
         del handler
     print(f"load average after {os.getloadavg()[0]:.2f}; openvino {ov.__version__}")
 
