@@ -217,3 +217,11 @@ def test_jobs_queued_together_run_as_one_batch_through_the_worker(conn, fast_han
     assert {rid: a[0] for rid, a in together.items()} == {
         "r-0": "ok", "r-1": "ok", "r-2": "error", "r-3": "ok", "r-4": "ok"}
     assert together["r-2"][2] == "unsupported_media"
+
+
+def test_superres_batches_8_jobs_by_default():
+    from edge.config import parse
+
+    assert parse({"tasks": {"superres": {}}}).tasks["superres"].max_batch == 8
+    assert parse({"tasks": {"superres": {"max_batch": 2}}}).tasks["superres"].max_batch == 2
+    assert parse({"tasks": {"tokenize": {}}}).tasks["tokenize"].max_batch == C.DEFAULT_MAX_BATCH
