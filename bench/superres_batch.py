@@ -19,10 +19,13 @@ Uses the prepared folder in ~/.cache/edge-daemon/prepared (run the tests or prep
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -97,8 +100,15 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=16, help="jobs (one image each)")
     parser.add_argument("--max-batch", default="1,4,8,16",
                         help="batch sizes to compare (1: one job at a time)")
+    parser.add_argument("--e2e", action="store_true",
+                        help="also end to end: a private daemon, one MQTT device per job")
+    parser.add_argument("--rounds", type=int, default=3, help="--e2e: daemons per setting")
+    parser.add_argument("--seconds", type=float, default=10.0, help="--e2e: closed-loop window")
     args = parser.parse_args()
     sizes = [int(b) for b in args.max_batch.split(",")]
+    if args.e2e:
+        end_to_end(crops(args.jobs), sizes, args.reps, args.rounds, args.seconds)
+        return
     core = ov.Core()
     bundle = FolderBundle(PREPARED / "sr-fast-x4")
     images = crops(args.jobs)
@@ -128,6 +138,143 @@ def main() -> None:
                   f"infer {n / bn:5.1f} images/s, x{b1 / bn:.2f}")
         del handler
     print(f"load average after {os.getloadavg()[0]:.2f}; openvino {ov.__version__}")
+
+
+class Devices:
+    """One MQTT 5 connection per device; each sends its PNG raw (MQTT properties carry the
+    id) and records when each answer came and whether it was ok."""
+
+    def __init__(self, port: int, pngs: list[bytes]) -> None:
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.pngs = pngs
+        self.lock = threading.Lock()
+        self.sent: dict[str, float] = {}
+        self.got: dict[str, tuple[float, bool]] = {}
+        self.closed_loop = False
+        self.clients = []
+        for i in range(len(pngs)):
+            c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"sr-{i}",
+                            protocol=paho.MQTTv5)
+            c.user_data_set(i)
+            c.on_message = self._on_message
+            c.connect("127.0.0.1", port)
+            c.subscribe(f"edge/results/sr-{i}/#", qos=1)
+            c.loop_start()
+            self.clients.append(c)
+        time.sleep(1.0)  # connected and subscribed
+
+    def send(self, i: int) -> str:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        from edge import constants as C
+
+        rid = uuid.uuid4().hex[:16]
+        props = Properties(PacketTypes.PUBLISH)
+        props.ContentType = "image/png"
+        props.UserProperty = [("id", rid)]
+        with self.lock:
+            self.sent[rid] = time.perf_counter()
+        self.clients[i].publish(C.JOB_TOPIC.format(task="superres", device_id=f"sr-{i}"),
+                                self.pngs[i], qos=1, properties=props)
+        return rid
+
+    def _on_message(self, client, userdata, msg) -> None:
+        at = time.perf_counter()
+        user = dict(getattr(msg.properties, "UserProperty", None) or [])
+        if "id" in user:  # a raw answer: the 4x PNG
+            rid, ok = user["id"], user.get("status") == "ok"
+        else:  # an error answer (JSON)
+            body = json.loads(msg.payload)
+            rid, ok = body.get("id", ""), body.get("status") == "ok"
+        with self.lock:
+            self.got[rid] = (at, ok)
+        if self.closed_loop:
+            self.send(userdata)
+
+    def burst(self) -> float:
+        """Every device sends one job at once: seconds until all are answered."""
+        t0 = time.perf_counter()
+        rids = [self.send(i) for i in range(len(self.clients))]
+        while True:
+            with self.lock:
+                if all(r in self.got for r in rids):
+                    assert all(self.got[r][1] for r in rids), "an error answer"
+                    return max(self.got[r][0] for r in rids) - t0
+            time.sleep(0.005)
+
+    def closed(self, seconds: float) -> float:
+        """Every device sends its next job when answered: images/s over `seconds`."""
+        self.closed_loop = True
+        for i in range(len(self.clients)):
+            self.send(i)
+        time.sleep(2.0)  # warm-up: batches form
+        with self.lock:
+            before = len(self.got)
+        t0 = time.perf_counter()
+        time.sleep(seconds)
+        with self.lock:
+            done = len(self.got) - before
+        elapsed = time.perf_counter() - t0
+        self.closed_loop = False
+        time.sleep(3.0)  # the last jobs in flight drain
+        return done / elapsed
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.disconnect()
+            c.loop_stop()
+
+
+def end_to_end(images: list[np.ndarray], sizes: list[int], reps: int, rounds: int,
+               seconds: float) -> None:
+    """A private daemon per setting (Redis, Mosquitto, agent, one CPU worker with the
+    default LATENCY hint) and one MQTT device per image: a burst of one job from each device
+    (median over `reps`) and a closed loop, for each max_batch, alternating over `rounds`."""
+    import tempfile
+
+    import keys
+    from edgectl.localdaemon import Daemon
+
+    pngs = [pyvips.Image.new_from_array(img).pngsave_buffer() for img in images]
+    burst: dict[int, list[float]] = {b: [] for b in sizes}
+    loop: dict[int, list[float]] = {b: [] for b in sizes}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        ring = keys.Keyring.generate()
+        ring.save(root / "keyring.json")
+        keys.pack_bundle(PREPARED / "sr-fast-x4", root / "bundles", ring)
+        for r in range(rounds):
+            for b in sizes:
+                task = {"devices": ["CPU"], "queue_limit": 1000, "device_limit": 100,
+                        "max_batch": b}
+                d = Daemon(root / f"{r}-{b}", root / "bundles", root / "keyring.json",
+                           tasks={"superres": task})
+                try:
+                    d.start_worker(queue="edge.superres.CPU")
+                    d.start_agent()
+                    devices = Devices(d.broker.port, pngs)
+                    try:
+                        devices.burst()  # warm-up
+                        times = [devices.burst() for _ in range(reps)]
+                        burst[b].append(statistics.median(times))
+                        loop[b].append(devices.closed(seconds))
+                    finally:
+                        devices.close()
+                finally:
+                    d.stop()
+                print(f"  round {r + 1} max_batch {b}: burst {len(pngs) / burst[b][-1]:.1f} "
+                      f"images/s, closed loop {loop[b][-1]:.1f} images/s "
+                      f"(load {os.getloadavg()[0]:.2f})", flush=True)
+    n = len(pngs)
+    base_b, base_l = statistics.median(burst[sizes[0]]), statistics.median(loop[sizes[0]])
+    print(f"end to end, {n} devices, one {W}x{H} PNG each (medians over {rounds} rounds):")
+    for b in sizes:
+        tb, tl = statistics.median(burst[b]), statistics.median(loop[b])
+        print(f"  max_batch {b:2}: burst of {n} jobs {n / tb:5.1f} images/s x{base_b / tb:.2f}, "
+              f"closed loop {tl:5.1f} images/s x{tl / base_l:.2f}")
 
 
 if __name__ == "__main__":
