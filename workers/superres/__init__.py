@@ -251,8 +251,8 @@ def _run_wave(wave: Sequence[_Opened]) -> list[Response | EdgeError]:
                              for ds in decoded]
     left = [len(o) for o in outs]
     # a decode error is its request's answer; the others' answers are their encodes
-    answers: list[EdgeError | Future[Response | EdgeError]] = [
-        ds if isinstance(ds, EdgeError) else Future() for ds in decoded]
+    answers: list[EdgeError | Future[Response | EdgeError] | None] = [
+        ds if isinstance(ds, EdgeError) else None for ds in decoded]
     with ThreadPoolExecutor(min(ENCODERS, len(wave))) as pool:
 
         def upscaled(i: int, out: np.ndarray) -> None:
@@ -266,7 +266,9 @@ def _run_wave(wave: Sequence[_Opened]) -> list[Response | EdgeError]:
 
         pipeline([d.rgb for ds in decoded if not isinstance(ds, EdgeError) for d in ds],
                  on_image=upscaled)
-    return [a.result() if isinstance(a, Future) else a for a in answers]
+    if None in answers:  # the pipeline skipped an image: a bug; the batch runs again alone
+        raise RuntimeError("the pipeline did not report every image of the batch")
+    return [a.result() if isinstance(a, Future) else a for a in answers if a is not None]
 
 
 def _respond(o: _Opened, decoded: Sequence[imageio.Decoded],
@@ -284,7 +286,7 @@ def _respond(o: _Opened, decoded: Sequence[imageio.Decoded],
     except EdgeError as exc:
         return exc
     finally:
-        outs.clear()  # the 4x pixels leave as soon as they are encoded
+        outs.clear()  # ours: once the pipeline's call has returned too, the pixels go
     return Response(result={"model": o.name, "images": described}, media=tuple(media))
 
 
