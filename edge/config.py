@@ -282,7 +282,8 @@ def _tasks(r: _Reader) -> dict[str, TaskConfig]:
             timeout=t.int("timeout", 60, low=1),
             deadline=t.int("deadline", 300, low=1),
             device_limit=t.opt_int("device_limit", low=1),
-            max_batch=t.int("max_batch", C.DEFAULT_MAX_BATCH, low=1, high=C.MAX_BATCH_LIMIT),
+            max_batch=t.int("max_batch", C.TASK_MAX_BATCH.get(name, C.DEFAULT_MAX_BATCH),
+                            low=1, high=C.MAX_BATCH_LIMIT),
             batch_wait_ms=t.int("batch_wait_ms", 0, low=0, high=1000),
             default_model=t.opt_str("default_model"),
         )

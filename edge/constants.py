@@ -59,6 +59,11 @@ PRIORITY_BURST = 8
 # at most ~1 ms for the others' texts; it is also the default quota of one device, so a full
 # batch can hold every job of one device or one job of each of 16 devices.
 DEFAULT_MAX_BATCH = 16
+# Tasks with another default. superres: batches of 8 480x270 jobs gave ~all of 16's gain
+# (bench/superres_batch.py, LATENCY hint: 2.07x vs 2.12x the images/s of one at a time at load
+# 3, 1.46x vs 1.47x at load 6), while the first job of a batch waits for half as many 1080p
+# answers and a batch holds half as many answers at once.
+TASK_MAX_BATCH = {"superres": 8}
 MAX_BATCH_LIMIT = 256
 DEFAULT_DEVICE_LIMIT = 16  # jobs of one task one device may have queued or running at once
 DEFAULT_JOB_MEMORY = 1 << 30  # bytes of decoded input / output one job may hold in a worker

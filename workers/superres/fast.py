@@ -114,21 +114,27 @@ class FastPipeline:
         return 2 * th * tw * 3 + pad * (1 + self.scale * self.scale)
 
     def __call__(self, images: Sequence[np.ndarray],
-                 on_image: Callable[[int], None] | None = None) -> list[np.ndarray]:
-        """Upscale every image; `on_image(i)` is called (in this thread) as image i completes."""
+                 on_image: Callable[[int, np.ndarray], None] | None = None) -> list[np.ndarray]:
+        """Upscale every image; `on_image(i, out)` is called (in this thread) as image i
+        completes, with its finished output (the array this call returns for it)."""
         pads = [self._pad(img.shape[:2]) for img in images]
         s = self.scale
         if not any(pads):
             return self._upscale(images, on_image)
+
+        def crop(i: int, out: np.ndarray) -> np.ndarray:
+            p = pads[i]
+            return out[p[0][0] * s:out.shape[0] - p[0][1] * s,
+                       p[1][0] * s:out.shape[1] - p[1][1] * s] if p else out
+
         padded = [np.pad(img, (*p, (0, 0)), mode="edge") if p else img
                   for img, p in zip(images, pads, strict=True)]
-        outputs = self._upscale(padded, on_image)
-        return [out[p[0][0] * s:out.shape[0] - p[0][1] * s,
-                    p[1][0] * s:out.shape[1] - p[1][1] * s] if p else out
-                for out, p in zip(outputs, pads, strict=True)]
+        outputs = self._upscale(padded, None if on_image is None
+                                else lambda i, out: on_image(i, crop(i, out)))
+        return [crop(i, out) for i, out in enumerate(outputs)]
 
     def _upscale(self, images: Sequence[np.ndarray],
-                 on_image: Callable[[int], None] | None) -> list[np.ndarray]:
+                 on_image: Callable[[int, np.ndarray], None] | None) -> list[np.ndarray]:
         s = self.scale
         outputs = [np.empty((h * s, w * s, 3), np.uint8) for h, w, _ in
                    (img.shape for img in images)]
@@ -149,7 +155,7 @@ class FastPipeline:
             _paste(outputs[tile.image], self._result(request), tile, s)
             pending[tile.image] -= 1
             if pending[tile.image] == 0 and on_image is not None:
-                on_image(tile.image)
+                on_image(tile.image, outputs[tile.image])
 
         for t in tiles:
             request = self._next_request((t.y.size, t.x.size))
