@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                              "worker (CPU:2): the same queues, its own name and metrics port")
     parser.add_argument("--config", help="daemon TOML (default: $EDGE_CONFIG or configs/demo.toml)")
     parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
-    parser.add_argument("--name", help="worker name (default: <host>-<device>-<pid>)")
+    parser.add_argument("--name", help="worker name (default: <host>-<DEVICE[:N]>-<pid>)")
     args = parser.parse_args(argv)
     instance: WorkerInstance = args.device
     device = instance.device

@@ -120,3 +120,13 @@ def test_systemd_sees_the_gpu_drop_in_on_the_second_gpu_worker_only_through_the_
     assert "renderD128" not in security(plain, "edge-worker@GPU:2.service")
     assert "/dev/dri/renderD128:rw" in security(linked, "edge-worker@GPU:2.service")
     assert "renderD128" not in security(linked, "edge-worker@CPU:2.service")
+
+
+def test_top_scrapes_every_worker_the_status_shows_on_its_own_port():
+    from edgectl.top import worker_ports
+
+    cfg = parse({"metrics_port": 9100, "tasks": TASKS})
+    status = {"workers": {"h-CPU-1": {"instance": "CPU"}, "h-CPU:2-2": {"instance": "CPU:2"},
+                          "old": {"device": "GPU"}, "odd": {"instance": "CPU:0"}}}
+    assert worker_ports(cfg, status) == {"CPU": 9101, "GPU": 9102, "CPU:2": 9103}
+    assert worker_ports(cfg) == {"CPU": 9101, "GPU": 9102}
