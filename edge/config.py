@@ -18,6 +18,7 @@ from edge.tasks import TASK_ORDER, TASKS
 
 DEVICE_RE = r"^(CPU|GPU(\.\d+)?|NPU(\.\d+)?)$"
 DEFAULT_NODE = "edge-gateway"
+MAX_INSTANCES = 64  # workers of one device on one host: `CPU` .. `CPU:64`
 
 
 class ConfigError(Exception):
@@ -103,10 +104,15 @@ class DeviceConfig:
     inference_precision: str | None = None  # "f32", "bf16", "f16"; None: the plugin's default
     cache_dir: Path | None = None  # OpenVINO model cache; only where encrypted (see README)
     metrics_port: int | None = None  # this device's worker /metrics; None: see worker_metrics_port
+    # CPU only: cores one worker's inference may use (INFERENCE_NUM_THREADS), so that several
+    # workers of the device (`CPU`, `CPU:2`, ...) split the cores; None: all of them, each
+    threads: int | None = None
 
     def properties(self) -> dict[str, Any]:
         """OpenVINO compile properties."""
         props: dict[str, Any] = {"PERFORMANCE_HINT": self.performance_hint}
+        if self.threads is not None:
+            props["INFERENCE_NUM_THREADS"] = self.threads
         if self.num_streams is not None:
             props["NUM_STREAMS"] = self.num_streams
         if self.num_requests is not None:
@@ -157,21 +163,57 @@ class Config:
         """Tasks routed to `device`, in priority order."""
         return tuple(t for t in TASK_ORDER if t in self.tasks and device in self.tasks[t].devices)
 
-    def worker_metrics_port(self, device: str) -> int:
-        """Where a device's worker serves /metrics: its own setting, else metrics_port + 1 + its
-        place among the devices the config names (sorted); 0 = off."""
+    def worker_metrics_port(self, device: str, instance: int = 1) -> int:
+        """Where worker `instance` of a device serves /metrics; 0 = off. Instance 1: the device's
+        own setting, else metrics_port + 1 + its place among the n devices the config names
+        (sorted). Instance k: the own setting + k - 1, else that port + (k - 1) * n, so the
+        instances of every device fill blocks of n ports after the first."""
         own = self.device(device).metrics_port
-        if own is not None:
-            return own
-        if not self.metrics_port:
-            return 0
         named = sorted({d for t in self.tasks.values() for d in t.devices} | set(self.devices)
                        | {device})
-        return self.metrics_port + 1 + named.index(device)
+        if own is not None:
+            port = own + instance - 1 if own else 0
+        elif not self.metrics_port:
+            return 0
+        else:
+            port = self.metrics_port + 1 + named.index(device) + (instance - 1) * len(named)
+        if port > 65535:
+            raise ConfigError(f"worker {device}:{instance}: its metrics port {port} is past 65535"
+                              " (lower metrics_port or [devices] metrics_port)")
+        return port
 
     @property
     def client_id(self) -> str:
         return self.mqtt.client_id or f"edge-agent-{self.node}"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInstance:
+    """Which worker of a device a process is: `CPU` (instance 1), `CPU:2`, `GPU.1:3`.
+
+    Every instance of a device serves the same queues; the number only keeps their names,
+    metrics ports and systemd directories apart."""
+
+    device: str
+    number: int = 1
+
+    @classmethod
+    def parse(cls, spec: str) -> WorkerInstance:
+        """`DEVICE` or `DEVICE:N` (N in 1..MAX_INSTANCES; `CPU:1` is `CPU`); ValueError if not."""
+        device, sep, number = spec.partition(":")
+        if not re.match(DEVICE_RE, device):
+            raise ValueError(f"{spec!r}: not an OpenVINO device name (CPU, GPU, GPU.1, NPU), "
+                             "optionally with :N for its N-th worker (CPU:2)")
+        if not sep:
+            return cls(device)
+        if not re.fullmatch(r"[1-9]\d*", number) or int(number) > MAX_INSTANCES:
+            raise ValueError(f"{spec!r}: the worker number after ':' must be 1..{MAX_INSTANCES}")
+        return cls(device, int(number))
+
+    @property
+    def label(self) -> str:
+        """As written on the command line and in the unit name: `CPU`, `CPU:2`."""
+        return self.device if self.number == 1 else f"{self.device}:{self.number}"
 
 
 def load(path: str | Path) -> Config:
@@ -305,7 +347,11 @@ def _devices(r: _Reader) -> dict[str, DeviceConfig]:
             inference_precision=d.opt_choice("inference_precision", ("f32", "bf16", "f16")),
             cache_dir=d.opt_path("cache_dir"),
             metrics_port=d.opt_int("metrics_port", low=0),
+            threads=d.opt_int("threads", low=1),
         )
+        if out[name].threads is not None and not name.startswith("CPU"):
+            raise ConfigError(f"{d.where('threads')}: only a CPU takes threads "
+                              "(INFERENCE_NUM_THREADS); a GPU or NPU plugin has none")
         d.done()
     return out
 

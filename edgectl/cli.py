@@ -10,7 +10,7 @@
     edgectl top [--interval S] [--once]                     live view: tasks, queues, workers, errors
     edgectl models ls|activate N V|rollback N|remove N V    model versions, no downtime
     edgectl bench BUNDLE [--shape N[..]] [--niter N|--time S] benchmark_app for a bundle's IR
-    edgectl install-units [--root DIR] [--bindir DIR]       copy the systemd units (starts nothing)
+    edgectl install-units [--root DIR] [--bindir DIR] [--instance GPU:2]  copy the systemd units
     edgectl init-gateway [--root DIR] [--node N]            units, groups, /etc/edge, Redis, Mosquitto
 """
 
@@ -95,7 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("install-units", help="copy the systemd units to /etc (starts nothing)")
     p.add_argument("--root", default="/", help="install under this tree (DESTDIR)")
     p.add_argument("--bindir", help="where edge-agent/edge-worker are (default: this venv's bin)")
-    p.set_defaults(func=lambda a: __import__("edgectl.units").units.main(a.root, a.bindir))
+    p.add_argument("--instance", action="append", default=[], metavar="DEVICE:N",
+                   help="a further worker of a device (GPU:2): link the device's drop-ins for it")
+    p.set_defaults(func=lambda a: __import__("edgectl.units").units.main(a.root, a.bindir,
+                                                                          a.instance))
 
     p = sub.add_parser("init-gateway", help="lay out this gateway: units, groups, /etc/edge, "
                                             "Redis and Mosquitto configs (starts nothing)")

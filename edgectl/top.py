@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge import constants as C
-from edge.config import Config
+from edge.config import Config, ConfigError, WorkerInstance
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 CLEAR = "\x1b[H\x1b[2J"
@@ -145,9 +145,10 @@ class View:
         out += ["", f"{'WORKER':<28}{'DEVICE':<8}{'RSS MiB':>9}{'CPU %':>7}  MODELS"]
         for name, w in sorted(s.get("workers", {}).items()):
             device = w.get("device", "?")
-            samples = self.workers.get(device) or {}
+            instance = w.get("instance") or device  # `CPU:2`: scraped on its own port
+            samples = self.workers.get(instance) or {}
             rss = samples.get(("process_resident_memory_bytes", ()))
-            cpu_rate = self.rates.get(f"cpu:{device}")
+            cpu_rate = self.rates.get(f"cpu:{instance}")
             models = "; ".join(f"{t}: {', '.join(m)}" for t, m in w.get("models", {}).items())
             out.append(f"{name:<28}{device:<8}{'-' if rss is None else f'{rss / 2**20:.0f}':>9}"
                        f"{'-' if cpu_rate is None else f'{100 * cpu_rate:.0f}':>7}  {models}")
@@ -195,12 +196,21 @@ class StatusFeed:
         self.client.loop_stop()
 
 
-def worker_ports(config: Config) -> dict[str, int]:
-    """device -> its worker's metrics port, for every device the config names."""
+def worker_ports(config: Config, status: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """worker (`CPU`, `CPU:2`) -> its metrics port: the first worker of every device the config
+    names, and every further worker (`edge-worker --device CPU:2`) the status shows."""
     if not config.metrics_port:
         return {}
     devices = {d for t in config.tasks.values() for d in t.devices} | set(config.devices)
-    return {d: config.worker_metrics_port(d) for d in sorted(devices)}
+    out = {d: config.worker_metrics_port(d) for d in sorted(devices)}
+    for doc in ((status or {}).get("workers") or {}).values():
+        try:
+            inst = WorkerInstance.parse(str(doc.get("instance") or ""))
+            if inst.number > 1:
+                out[inst.label] = config.worker_metrics_port(inst.device, inst.number)
+        except (ValueError, ConfigError):  # not ours to judge: that worker shows no numbers
+            continue
+    return out
 
 
 def run(config: Config, interval: float = 2.0, once: bool = False, out: TextIO = sys.stdout,
@@ -209,7 +219,6 @@ def run(config: Config, interval: float = 2.0, once: bool = False, out: TextIO =
     """Draw frames every `interval` s until `q` (or one frame with `once`)."""
     feed = StatusFeed(config, host, port)
     view = View(config.node)
-    ports = worker_ports(config)
     keys = keys or _keys_from_stdin()
     try:
         if once:  # one frame: wait briefly for the retained status
@@ -217,6 +226,7 @@ def run(config: Config, interval: float = 2.0, once: bool = False, out: TextIO =
         while True:
             now = time.time()
             view.status, view.status_at = feed.doc, feed.at
+            ports = worker_ports(config, feed.doc)
             view.update(scrape(config.metrics_port) if config.metrics_port else None,
                         {d: scrape(p) for d, p in ports.items()}, now)
             text = "\n".join(view.lines(now))

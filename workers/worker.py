@@ -1,5 +1,10 @@
 """`edge-worker --device DEV`: RQ's non-forking worker, pinned to one OpenVINO device.
 
+`--device DEV:N` (`CPU:2`) is the device's N-th worker on this host: the same queues, its own
+RQ name, metrics port and (under systemd, `edge-worker@CPU:2`) directories. Compiled models are
+not shared between the processes: OpenVINO shares them only through its on-disk model cache,
+and that would be the plaintext weights on disk.
+
 Models are decrypted and compiled once, before the first job, and kept for every job (a forking
 worker would compile in the parent and fork: OpenVINO must not be forked after compile).
 """
@@ -24,7 +29,7 @@ from rq.worker import WorkerStatus
 
 from edge import alive, metrics, sdnotify
 from edge import constants as C
-from edge.config import Config
+from edge.config import Config, ConfigError, WorkerInstance
 from edge.queueing import Feeder, queue_name, take, taken
 from keys import load_ring
 from workers import perform
@@ -42,9 +47,11 @@ class EdgeWorker(SimpleWorker):
     """A SimpleWorker that tells the agent, every few seconds, which queues it serves."""
 
     def __init__(self, queues, *, runtime: perform.Runtime,
-                 batching: dict[str, BatchLimit] | None = None, **kwargs) -> None:
+                 batching: dict[str, BatchLimit] | None = None, instance: str | None = None,
+                 **kwargs) -> None:
         super().__init__(queues, serializer=JSONSerializer, worker_ttl=35, **kwargs)
         self.runtime = runtime
+        self.instance = instance or runtime.device  # `CPU`, `CPU:2`: which worker of the device
         self._beating = threading.Event()
         self._starting: redis.client.Pipeline | None = None
         self._last_beat = 0.0
@@ -179,7 +186,8 @@ class EdgeWorker(SimpleWorker):
     def _announce(self) -> None:
         # stamped with Redis' clock (edge.alive), so this host's clock never ages a beat
         ms = self.runtime.models
-        doc = {"name": self.name, "device": self.runtime.device, "pid": os.getpid(),
+        doc = {"name": self.name, "device": self.runtime.device, "instance": self.instance,
+               "pid": os.getpid(),
                "host": socket.gethostname(), "models": {t: list(m) for t, m in ms.models.items()},
                "unavailable": dict(ms.unavailable),
                "load_seconds": {t: round(s, 3) for t, s in ms.load_seconds.items()},
@@ -248,21 +256,38 @@ def next_order(priority: list, served: str, streak: int) -> list:
     return list(priority)
 
 
+def instance_arg(spec: str) -> WorkerInstance:
+    """argparse type of --device: `CPU`, `CPU:2` (edge.config.WorkerInstance)."""
+    try:
+        return WorkerInstance.parse(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `edge-worker`."""
     from edge.redisconn import connect
     from edge.startup import start_daemon
 
     parser = argparse.ArgumentParser(prog="edge-worker", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="CPU", help="OpenVINO device: CPU, GPU, GPU.1, NPU")
+    parser.add_argument("--device", default="CPU", type=instance_arg,
+                        help="OpenVINO device: CPU, GPU, GPU.1, NPU; DEVICE:N runs its N-th "
+                             "worker (CPU:2): the same queues, its own name and metrics port")
     parser.add_argument("--config", help="daemon TOML (default: $EDGE_CONFIG or configs/demo.toml)")
     parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
-    parser.add_argument("--name", help="worker name (default: <host>-<device>-<pid>)")
+    parser.add_argument("--name", help="worker name (default: <host>-<DEVICE[:N]>-<pid>)")
     args = parser.parse_args(argv)
+    instance: WorkerInstance = args.device
+    device = instance.device
     config = start_daemon("edge-worker", args.config)
-    tasks = config.tasks_on(args.device)
+    tasks = config.tasks_on(device)
     if not tasks:
-        print(f"edge-worker: no task is routed to {args.device} in the config", file=sys.stderr)
+        print(f"edge-worker: no task is routed to {device} in the config", file=sys.stderr)
+        return 2
+    try:
+        metrics_port = config.worker_metrics_port(device, instance.number)
+    except ConfigError as exc:
+        print(f"edge-worker: {exc}", file=sys.stderr)
         return 2
     import keys
 
@@ -271,30 +296,32 @@ def main(argv: list[str] | None = None) -> int:
     except keys.KeyringError as exc:
         print(f"edge-worker: {exc}", file=sys.stderr)
         return 2
-    structlog.contextvars.bind_contextvars(device=args.device)
-    models = build_models(config, args.device, ring)
+    structlog.contextvars.bind_contextvars(device=device)
+    if instance.number > 1:
+        structlog.contextvars.bind_contextvars(instance=instance.label)
+    models = build_models(config, device, ring)
     del ring  # bundles are decrypted and compiled: the worker needs no key until a reload
     served = [t for t in tasks if t in models.handlers]
     for task, reason in models.unavailable.items():
         log.error("task_unavailable", task=task, reason=reason)
     if not served:
-        print(f"edge-worker: no task could be loaded on {args.device}", file=sys.stderr)
+        print(f"edge-worker: no task could be loaded on {device}", file=sys.stderr)
         return 3
-    name = args.name or f"{socket.gethostname()}-{args.device}-{os.getpid()}"
-    runtime = perform.Runtime(worker=name, device=args.device, models=models)
+    name = args.name or f"{socket.gethostname()}-{instance.label}-{os.getpid()}"
+    runtime = perform.Runtime(worker=name, device=device, models=models)
     conn = connect(config.redis.for_worker())
-    metrics.observe_models(args.device, dict(models.load_seconds), served)
-    worker = EdgeWorker([queue_name(t, args.device) for t in served], runtime=runtime,
+    metrics.observe_models(device, dict(models.load_seconds), served)
+    worker = EdgeWorker([queue_name(t, device) for t in served], runtime=runtime,
                         batching=limits_of(config.tasks), connection=conn,
-                        name=name.replace(".", "_"))
-    metrics.serve(config.worker_metrics_port(args.device), live=worker.progress.healthy,
+                        name=name.replace(".", "_"), instance=instance.label)
+    metrics.serve(metrics_port, live=worker.progress.healthy,
                   ready={"models": lambda: bool(runtime.models.handlers), "redis": conn.ping})
     log.info("worker_ready", worker=name, queues=[q.name for q in worker.queues])
-    reloader = Reloader(config, args.device, runtime)
+    reloader = Reloader(config, device, runtime)
     signal.signal(signal.SIGHUP, reloader.request)
-    control = ModelControl(config, args.device, runtime, conn, worker.name, reloader.lock).start()
+    control = ModelControl(config, device, runtime, conn, worker.name, reloader.lock).start()
     watchdog = sdnotify.Watchdog(worker.progress.healthy).start()
-    sdnotify.ready(f"serving {', '.join(served)} on {args.device}")
+    sdnotify.ready(f"serving {', '.join(served)} on {instance.label}")
     try:
         worker.work(burst=args.burst, logging_level="WARNING")
     finally:
