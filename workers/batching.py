@@ -17,6 +17,9 @@ waiting at most `tasks.X.batch_wait_ms` for more (default 0: never idles). Then:
   own answer, its own timings and its own error (one bad input fails only its job; an
   inference that raises is run again one job at a time, so the job that broke it fails alone);
   a batch past the time limit answers each of its jobs `timeout`.
+* **alone**: a job its handler says must not share a run (`handler.runs_alone(params)`, e.g.
+  a superres quality job: seconds of diffusion steps) runs after the batch as a single job
+  does: its own time limit, its own step progress, its RQ entries refreshed first.
 * **finish**: every answer goes to the outbox through `Outbox.answer_once` (the exactly-once
   step a single job uses) and every job to RQ's finished registry, in one round trip.
 
@@ -163,16 +166,8 @@ class Batcher:
         for job in jobs:  # before anything can fail or hang, as perform.run does
             with _bound(job, rt.worker):
                 log.info("job_started", batch=len(jobs))
-        started = time.time()
         try:
-            with w.death_penalty_class(head.timeout or w.queue_class.DEFAULT_TIMEOUT,
-                                       JobTimeoutException, job_id=head.id):
-                answers = perform_batch(jobs, rt.models,
-                                        lambda j: rt.take_payload(w.connection, j.blob_key))
-        except JobTimeoutException:  # outside the inference (reading inputs...)
-            log.warning("batch_timeout", batch=len(jobs))
-            answers = [_error(j, Timeout("the job ran past its time limit"), started)
-                       for j in jobs]
+            answers = self._run(head, members)
         finally:
             for j in jobs:
                 rt.prefetched.pop(j.blob_key, None)
@@ -188,6 +183,58 @@ class Batcher:
                 with _bound(job, rt.worker):
                     log.info("job_done", run_ms=round(answer.body["timings"]["run_ms"], 2),
                              batch=len(jobs))
+
+    def _run(self, head: RQJob, members: list[_Member]) -> list[Answer]:
+        """The answers of the readable members, in order: those the task's handler lets batch
+        as one run under the head's time limit, then each that must run alone (`runs_alone`,
+        e.g. a superres quality job) as a single job runs."""
+        w, rt = self.worker, self.worker.runtime
+        readable = [m for m in members if m.job is not None]
+        handler = rt.models.handlers.get(head.origin.split(".")[1]) if rt.models else None
+        runs_alone = getattr(handler, "runs_alone", None)
+        alone = [m for m in readable if runs_alone is not None and m.job is not None
+                 and runs_alone(m.job.params)]
+        alone_ids = {id(m) for m in alone}
+        batched = [m for m in readable if id(m) not in alone_ids]
+        together = [m.job for m in batched if m.job is not None]
+        answers: list[Answer] = []
+        if together:
+            started = time.time()
+            try:
+                with w.death_penalty_class(head.timeout or w.queue_class.DEFAULT_TIMEOUT,
+                                           JobTimeoutException, job_id=head.id):
+                    answers = perform_batch(together, rt.models,
+                                            lambda j: rt.take_payload(w.connection, j.blob_key))
+            except JobTimeoutException:  # outside the inference (reading inputs...)
+                log.warning("batch_timeout", batch=len(together))
+                answers = [_error(j, Timeout("the job ran past its time limit"), started)
+                           for j in together]
+        by_member = dict(zip([id(m) for m in batched], answers, strict=True))
+        for m in alone:
+            by_member[id(m)] = self._run_alone(m)
+        return [by_member[id(m)] for m in readable]
+
+    def _run_alone(self, m: _Member) -> Answer:
+        """One job of a batch run as a single job runs: its own time limit and step progress,
+        its entries in RQ's registries kept fresh first (it may start long after the batch)."""
+        w, rt = self.worker, self.worker.runtime
+        job = m.job
+        assert job is not None
+        ttl = w.get_heartbeat_ttl(m.rq)
+        pipe = w.connection.pipeline()
+        m.rq.heartbeat(now(), ttl, pipeline=pipe)
+        m.execution.heartbeat(m.rq.started_job_registry, ttl, pipe)
+        pipe.execute()
+        w.progress.begin(m.rq.timeout)  # the watchdog's view: this job's own time limit
+        outbox = Outbox(w.connection)
+        started = time.time()
+        try:
+            with w.death_penalty_class(m.rq.timeout or w.queue_class.DEFAULT_TIMEOUT,
+                                       JobTimeoutException, job_id=m.rq.id):
+                return perform.execute(job, w.connection, rt, progress=lambda body: outbox.append(
+                    Answer(job.route, "progress", dict(body))))
+        except JobTimeoutException:
+            return _error(job, Timeout("the job ran past its time limit"), started)
 
     def _finish(self, members: list[_Member], answers: list[Answer],
                 patience: float = perform.ANSWER_PATIENCE) -> None:

@@ -160,6 +160,16 @@ class Dispatch:
         return any(hasattr(v.handler, "batch") for vs in self.loaded.values()
                    for v in vs.values())
 
+    def runs_alone(self, params: Mapping[str, Any]) -> bool:
+        """Whether a job with `params` must run on its own, outside a batch: its version's
+        handler says so (`runs_alone`; e.g. superres quality mode)."""
+        try:
+            found = self.resolve(params.get("model"), params)
+        except EdgeError:
+            return False  # the batch answers its error
+        alone = getattr(found.handler, "runs_alone", None)
+        return bool(alone({**params, "model": found.name})) if alone else False
+
     def batch(self, requests: Sequence[Request]) -> list[Response | EdgeError]:
         """Several requests (workers/batching.py): each resolved to its version on its own (an
         error fails only its request), those of one version run through one `batch` call."""

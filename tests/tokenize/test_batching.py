@@ -300,3 +300,47 @@ def test_a_dispatcher_batches_per_version_and_fails_only_the_unknown_model():
     assert isinstance(out[3], ModelUnavailable)
     assert [(o.result["version"], o.result["echo"]) for i, o in enumerate(out) if i != 3] == [
         ("2", "b@2"), ("1", "b@1"), ("2", "b@2"), ("2", "b@2"), ("1", "b@1")]
+
+
+class SlowAlone:
+    """A handler whose jobs with params `alone` must not share a run (as superres quality
+    jobs): those report step progress and are called one at a time."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def runs_alone(self, params) -> bool:
+        return bool(params.get("alone"))
+
+    def __call__(self, request, progress):
+        self.calls.append([request.text])
+        for step in (1, 2):
+            progress({"step": step, "steps": 2})
+        return Response({"text": request.text})
+
+    def batch(self, requests):
+        assert not any(r.params.get("alone") for r in requests), "an alone job was batched"
+        self.calls.append([r.text for r in requests])
+        return [Response({"text": r.text}) for r in requests]
+
+
+def test_a_job_that_must_run_alone_runs_after_the_batch_with_its_progress(conn, enq):
+    e = enq(8)
+    for i in range(4):
+        _submit(e, f"dev-{i}", f"f-{i}", text=f"fast {i}")
+    _submit(e, "dev-9", "slow-0", text="slow", params={"alone": True})
+    fake = SlowAlone()
+    models = ModelSet(handlers={"tokenize": fake, "detokenize": fake}, unavailable={})
+    queues = [Queue(q, connection=conn, serializer=JSONSerializer) for q in (QUEUE, DQUEUE)]
+    EdgeWorker(queues, runtime=perform.Runtime("w-batch", "CPU", models), connection=conn,
+               name="w-batch", batching=batching.limits_of(_config(8).tasks)
+               ).work(burst=True, logging_level="WARNING")
+    assert fake.calls == [["fast 0", "fast 1", "fast 2", "fast 3"], ["slow"]]
+    got = _answers(conn)
+    assert {rid: b[0]["status"] for rid, b in got.items()} == {
+        "f-0": "ok", "f-1": "ok", "f-2": "ok", "f-3": "ok", "slow-0": "ok"}
+    progress = [Answer.from_fields(f) for _, f in conn.xrange(C.PROGRESS_STREAM)]
+    assert [(p.route.request_id, p.body["step"]) for p in progress] == [("slow-0", 1),
+                                                                        ("slow-0", 2)]
+    finished = FinishedJobRegistry(QUEUE, connection=conn, serializer=JSONSerializer)
+    assert len(finished.get_job_ids()) == 5

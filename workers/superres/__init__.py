@@ -150,6 +150,16 @@ class SuperResHandler:
                 out[opened.index] = answer
         return [o for o in out if o is not None]
 
+    def runs_alone(self, params: Mapping[str, Any]) -> bool:
+        """Whether a job with `params` must run on its own, not in a batch
+        (workers/batching.py): a quality-mode (diffusion) job is seconds of UNet steps with
+        step progress and its own time limit."""
+        try:
+            _, pipeline = self._pick(params.get("mode", "fast"), params.get("model"))
+        except EdgeError:
+            return False  # the batch answers its error
+        return isinstance(pipeline, LdmPipeline)
+
     def _open(self, request: Request
               ) -> tuple[str, FastPipeline | LdmPipeline, list[imageio.Header]]:
         """The request's model and image headers, its whole cost checked against the budget
