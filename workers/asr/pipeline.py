@@ -2,14 +2,15 @@
 
     pipeline = WhisperPipeline.load(bundle, core, device)
     transcript = pipeline(audio_16k_mono, language=None, initial_prompt=None)
+    transcripts = pipeline.transcribe([ClipRequest(audio_a), ClipRequest(audio_b)])
 
 Long audio follows Whisper's sequential algorithm: one log-mel over the whole clip, 30 s
 windows, and each next window starts at the last timestamp the model closed (the seek).
 The decoder runs as openvino.genai runs it: the graph computes logits for the last position
 only (a Slice before the vocabulary projection), every request runs through
-`start_async` + `wait` (the plugin's pinned stream thread, no copies of the outputs), the
-encoder's output tensor is the decoder's input and one (1, 1) token tensor is rewritten in
-place per step.
+`start_async` + `wait` (the plugin's pinned stream thread, no copies of the outputs), and one
+(rows, 1) token tensor is rewritten in place per step. Several clips run as one batch: the
+encoder takes the current window of each in one call, the decoder steps their rows together.
 """
 
 from __future__ import annotations
