@@ -9,7 +9,8 @@ here): 16 espeak-ng clips of 4-8 s, (a) one `transcribe` call per clip, (b) batc
 medians over `--reps` and the median of the per-repetition ratio to (a). Every batched run
 is checked to give the very transcripts of (a). The encoder alone (16 calls of one window)
 is timed too: a 4-8 s clip still costs a full 30 s window there, and that part gains nothing
-from a batch on a CPU that one clip already keeps busy.
+from a batch on a CPU that one clip already keeps busy. Then the two models alone: 16 rows one
+row a call against one call of 16 (encoder; decoder first step and 20 steps).
 
 `--daemon` adds the end-to-end case: a private daemon (Redis, Mosquitto, agent, one CPU
 worker) with `tasks.asr.max_batch` 1 and then the default, and 16 devices, each its own MQTT
@@ -149,6 +150,58 @@ def pipeline_part(wavs: list[bytes], folder: Path, reps: int, threads: int) -> N
           "is the part of one-at-a-time spent in 16 encoder calls)")
 
 
+def models_part(folder: Path, reps: int, threads: int) -> None:
+    """The two models alone, 16 rows one at a time against as one call: the encoder over 16
+    windows, the decoder's first step (it builds the cross-attention state) and 20 steps."""
+    import numpy as np
+    import openvino as ov
+
+    from workers.asr.pipeline import _logits_of_last_position, _run
+
+    core = ov.Core()
+    props = {"INFERENCE_NUM_THREADS": threads}
+    encoder = core.compile_model(str(folder / "openvino_encoder_model.xml"), "CPU", props)
+    model = core.read_model(str(folder / "openvino_decoder_model.xml"))
+    _logits_of_last_position(model)
+    decoder = core.compile_model(model, "CPU", props)
+    n_mels = encoder.input(0).get_partial_shape()[1].get_length()
+    windows = np.random.default_rng(0).standard_normal((16, n_mels, 3000)).astype(np.float32)
+    runs: dict[int, tuple] = {}
+    for rows in (1, 16):
+        enc, dec = encoder.create_infer_request(), decoder.create_infer_request()
+        enc.set_input_tensor(ov.Tensor(windows[:rows].copy()))
+        enc.infer()
+        dec.set_tensor("encoder_hidden_states", ov.Tensor(enc.get_output_tensor(0).data.copy()))
+        dec.set_tensor("beam_idx", ov.Tensor(np.arange(rows, dtype=np.int32)))
+        dec.set_tensor("input_ids", ov.Tensor(np.full((rows, 1), 440, np.int64)))
+        runs[rows] = (enc, dec)
+    times: dict[str, dict[int, list[float]]] = {"encoder, 16 windows": {1: [], 16: []},
+                                                "decoder first step, 16 rows": {1: [], 16: []},
+                                                "decoder 20 steps, 16 rows": {1: [], 16: []}}
+    def first_step(dec) -> None:
+        dec.reset_state()
+        _run(dec)
+
+    def steps(dec) -> None:
+        for _ in range(20):
+            _run(dec)
+
+    for _ in range(reps):
+        for rows, (enc, dec) in runs.items():
+            for label, work, req in (("encoder, 16 windows", _run, enc),
+                                     ("decoder first step, 16 rows", first_step, dec),
+                                     ("decoder 20 steps, 16 rows", steps, dec)):
+                t0 = time.perf_counter()
+                for _ in range(16 // rows):
+                    work(req)
+                times[label][rows].append(time.perf_counter() - t0)
+    print(f"\nthe models alone (random inputs), medians over {reps} reps, load {load()}")
+    for label, by in times.items():
+        one, batch = statistics.median(by[1]), statistics.median(by[16])
+        print(f"{label:28} one row a call {one * 1000:7.0f} ms   16 rows in one call "
+              f"{batch * 1000:7.0f} ms   {one / batch:.2f}x")
+
+
 def daemon_part(wavs: list[bytes], folder: Path, reps: int) -> None:
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
@@ -171,7 +224,13 @@ def daemon_part(wavs: list[bytes], folder: Path, reps: int) -> None:
             if max_batch is not None:
                 task["max_batch"] = max_batch
             daemon = Daemon(root / label.split()[0], root / "bundles", root / "keyring.json",
-                            tasks={"asr": task}).start()
+                            tasks={"asr": task})
+            try:
+                daemon.start_worker(queue="edge.asr.CPU")
+                daemon.start_agent()
+            except BaseException:
+                daemon.stop()
+                raise
             got: dict[str, float] = {}
             lock = threading.Lock()
 
@@ -236,6 +295,7 @@ def main() -> None:
     wavs = clips()
     folder = _folder(args.model)
     pipeline_part(wavs, folder, args.reps, args.threads)
+    models_part(folder, args.reps, args.threads)
     if args.daemon:
         daemon_part(wavs, folder, args.daemon_reps)
 

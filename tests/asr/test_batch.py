@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 # what the worker runs by default on this CPU (bf16): the precision where the decoder's state
 # once read stale encoder states in a batch (see WhisperPipeline._hold)
 BF16 = DeviceSettings("CPU", {"INFERENCE_NUM_THREADS": 2})
-MEDIUM = " ".join(LONG.split(". ")[:7]) + "."  # ~35 s: two windows
+MEDIUM = ". ".join(LONG.split(". ")[:11]) + "."  # ~37 s: two windows
 
 
 @pytest.fixture(scope="module", params=[F32, BF16], ids=["f32", "bf16"])
@@ -80,7 +80,7 @@ def test_a_batch_answers_each_clip_as_it_is_answered_alone(handler, mixed):
     together = _together(handler, mixed)
     assert together == alone  # ids, text, segments, language, duration
     assert all(isinstance(a, dict) for a in alone)
-    assert alone[3]["text"] == "" and len(alone[1]["segments"]) > 2
+    assert alone[3]["text"] == "" and alone[1]["duration"] > 30 and len(alone[1]["segments"]) > 5
     # and in another order, and again: nothing of one batch leaks into the next
     assert _together(handler, mixed[::-1]) == alone[::-1]
     assert _together(handler, mixed[2:5]) == alone[2:5]

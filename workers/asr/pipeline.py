@@ -188,8 +188,9 @@ class WhisperPipeline:
         """Transcribe several clips as one: each round runs the next window of every clip not
         done through one encoder call (batch dimension) and steps their decoders together.
 
-        Each clip gets exactly what it gets alone (the rows of a batch never mix: measured
-        bit-equal logits for batches of 1 to 16 on the CPU plugin, f32 and bf16).
+        Each clip gets exactly what it gets alone: the rows of a batch never mix (measured on
+        the CPU plugin, f32 and bf16: bit-equal encoder outputs and logits for batches of 1-6,
+        the same transcripts for 16; tests/asr/test_batch.py, bench/asr_batch.py).
         """
         clips = [self._start(r) for r in requests]
         while going := [c for c in clips if c.going]:
