@@ -49,7 +49,7 @@ from edge.errors import EdgeError, Internal, ModelUnavailable, Timeout
 from edge.jobs import Answer, Job, Payload, result_body
 from edge.outbox import Outbox
 from workers import perform
-from workers.api import Request
+from workers.api import Progress, Request
 
 log = structlog.get_logger("workers.batching")
 
@@ -203,8 +203,11 @@ class Batcher:
             try:
                 with w.death_penalty_class(head.timeout or w.queue_class.DEFAULT_TIMEOUT,
                                            JobTimeoutException, job_id=head.id):
-                    answers = perform_batch(together, rt.models,
-                                            lambda j: rt.take_payload(w.connection, j.blob_key))
+                    outbox = Outbox(w.connection)
+                    answers = perform_batch(
+                        together, rt.models, lambda j: rt.take_payload(w.connection, j.blob_key),
+                        lambda j: lambda body: outbox.append(
+                            Answer(j.route, "progress", dict(body))))
             except JobTimeoutException:  # outside the inference (reading inputs...)
                 log.warning("batch_timeout", batch=len(together))
                 answers = [_error(j, Timeout("the job ran past its time limit"), started)
@@ -312,10 +315,11 @@ def _job_of(rq_job: RQJob) -> Job | None:
         return None
 
 
-def perform_batch(jobs: Sequence[Job], models: Any, payload: Callable[[Job], Payload | None]
-                  ) -> list[Answer]:
+def perform_batch(jobs: Sequence[Job], models: Any, payload: Callable[[Job], Payload | None],
+                  progress: Callable[[Job], Progress] | None = None) -> list[Answer]:
     """The answers to `jobs` (one task), in order: each checked on its own, the good ones of
-    each model run through one `handler.batch` call. Never raises for job-level problems."""
+    each model run through one `handler.batch` call; a job alone in its group runs as a single
+    job does, with its `progress` sink when given. Never raises for job-level problems."""
     started = time.time()
     answers: list[Answer | None] = [None] * len(jobs)
     groups: dict[Any, list[tuple[int, Request]]] = {}
@@ -342,18 +346,23 @@ def perform_batch(jobs: Sequence[Job], models: Any, payload: Callable[[Job], Pay
         groups.setdefault(job.params.get("model"), []).append((i, request))
     for model, group in groups.items():
         for i, answer in zip([i for i, _ in group],
-                             _run_group(jobs, group, models, model, started), strict=True):
+                             _run_group(jobs, group, models, model, started, progress),
+                             strict=True):
             answers[i] = answer
     return [a for a in answers if a is not None]
 
 
 def _run_group(jobs: Sequence[Job], group: list[tuple[int, Request]], models: Any, model: Any,
-               started: float) -> list[Answer]:
+               started: float, progress: Callable[[Job], Progress] | None = None
+               ) -> list[Answer]:
     """One inference for the requests of one model; one answer per request."""
     batch_jobs = [jobs[i] for i, _ in group]
     try:
         handler = models.check(batch_jobs[0].task, model)
-        outs = list(handler.batch([r for _, r in group]))
+        if len(group) == 1 and progress is not None:  # alone: as perform.run runs it
+            outs: list[Any] = [handler(group[0][1], progress(batch_jobs[0]))]
+        else:
+            outs = list(handler.batch([r for _, r in group]))
         if len(outs) != len(group):
             raise RuntimeError(f"handler.batch gave {len(outs)} answers to {len(group)} requests")
     except EdgeError as exc:  # the whole group: e.g. its model is unavailable
@@ -366,7 +375,7 @@ def _run_group(jobs: Sequence[Job], group: list[tuple[int, Request]], models: An
         if len(group) > 1:  # one input broke the inference: run each alone, it fails alone
             log.warning("batch_failed_alone_again", batch=len(group), exc_info=True)
             return [a for member in group
-                    for a in _run_group(jobs, [member], models, model, started)]
+                    for a in _run_group(jobs, [member], models, model, started, progress)]
         log.exception("job_failed", job_id=batch_jobs[0].route.request_id)
         return [_error(j, Internal("internal error while running the job"), started)
                 for j in batch_jobs]
