@@ -53,6 +53,7 @@ class EdgeWorker(SimpleWorker):
         self.runtime = runtime
         self.instance = instance or runtime.device  # `CPU`, `CPU:2`: which worker of the device
         self._beating = threading.Event()
+        self._beat: threading.Thread | None = None  # the alive thread, once RQ handles SIGTERM
         self._starting: redis.client.Pipeline | None = None
         self._last_beat = 0.0
         self._job_in_hand = False  # dequeued, not yet started (its start transaction beats)
@@ -163,14 +164,21 @@ class EdgeWorker(SimpleWorker):
         return super().request_stop(signum, frame)
 
     def work(self, *args, **kwargs) -> bool:
-        beat = threading.Thread(target=self._beat_loop, name="alive", daemon=True)
-        beat.start()
         try:
             return super().work(*args, **kwargs)
         finally:
             self._beating.set()
-            beat.join(timeout=5)
-            self._withdraw()
+            if self._beat is not None:
+                self._beat.join(timeout=5)
+                self._withdraw()
+
+    def _install_signal_handlers(self) -> None:
+        # The worker announces itself only once a SIGTERM is a warm stop: one that arrived
+        # between the first beat and RQ's handlers would end it without withdrawing, leaving a
+        # live-looking worker in the alive sets until its beat aged out.
+        super()._install_signal_handlers()
+        self._beat = threading.Thread(target=self._beat_loop, name="alive", daemon=True)
+        self._beat.start()
 
     def _beat_loop(self) -> None:
         # A thread, not RQ's heartbeat: a long job must not make the worker look dead.
